@@ -1,0 +1,290 @@
+"""The model line as configuration: one strict YAML file per line, validated before anything runs.
+
+``load_model_lines`` reads every ``*.yaml`` in the model-lines folder and returns the valid
+configs and, separately, one :class:`ModelLineConfigError` per invalid file, so one bad file never
+takes the other lines' DAGs down. Messages name the file, the field path, what was expected and
+what was found.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mlops_lifecycle import paths
+from mlops_lifecycle.exceptions import ModelLineConfigError
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]{2,48}$"
+ALIAS_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_-]{0,62}$"
+SQL_TABLE_REF = re.compile(r"{{\s*tables\.([A-Za-z_][A-Za-z0-9_]*)\s*}}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Owner(_Strict):
+    team: str = Field(min_length=1, description="Team that owns the model line (Airflow owner).")
+    email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+
+
+class Schedule(_Strict):
+    cron: str = Field(description="Cron expression; each run's data interval is one cron period.")
+    timezone: str = "UTC"
+    start_date: date
+    catchup: bool = False
+    max_active_runs: int = Field(default=1, ge=1, le=16)
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        if value.startswith("@") or not croniter.is_valid(value):
+            raise ValueError(
+                f"'{value}' is not a five-field cron expression (e.g. '0 3 * * 1' for Mondays 03:00)"
+            )
+        return value
+
+
+class Window(_Strict):
+    training_lookback_days: int = Field(ge=28, le=3660, description="Days of data up to the window end.")
+    holdout_days: int = Field(ge=1, le=366, description="Last days of the window kept for evaluation.")
+
+    @model_validator(mode="after")
+    def _holdout_fits(self) -> Window:
+        if self.holdout_days * 2 > self.training_lookback_days:
+            raise ValueError(
+                f"holdout_days ({self.holdout_days}) must be at most half of training_lookback_days "
+                f"({self.training_lookback_days}) so there is data left to train on"
+            )
+        return self
+
+
+class Extract(_Strict):
+    warehouse: Literal["duckdb"] = Field(description="duckdb (embedded local adapter).")
+    sql: str = Field(description="Feature SQL in BigQuery dialect, relative to include/.")
+    tables: dict[str, str] = Field(min_length=1, description="Names used as {{ tables.NAME }} in the SQL.")
+
+
+class Train(_Strict):
+    backend: Literal["local_process"]
+    entrypoint: str = Field(description="Training script, relative to include/.")
+    target: str = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    timeout_minutes: int = Field(default=60, ge=1, le=24 * 60)
+
+
+class Registry(_Strict):
+    model_name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,200}$")
+    experiment: str = Field(min_length=1)
+    staging_alias: Annotated[str, Field(pattern=ALIAS_PATTERN)] = "staging"
+    production_alias: Annotated[str, Field(pattern=ALIAS_PATTERN)] = "production"
+    previous_production_alias: Annotated[str, Field(pattern=ALIAS_PATTERN)] = "previous_production"
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> Registry:
+        aliases = [self.staging_alias, self.production_alias, self.previous_production_alias]
+        if len(set(aliases)) != len(aliases):
+            raise ValueError(f"staging, production and previous-production aliases must differ: {aliases}")
+        return self
+
+
+class MetricRule(_Strict):
+    direction: Literal["minimize", "maximize"]
+    threshold: float | None = Field(
+        default=None, description="Absolute limit: max for minimize, min for maximize."
+    )
+    max_regression: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="How much worse than production is tolerated, as a fraction (0.05 = 5%).",
+    )
+
+    @model_validator(mode="after")
+    def _has_a_rule(self) -> MetricRule:
+        if self.threshold is None and self.max_regression is None:
+            raise ValueError("a gate metric needs 'threshold', 'max_regression' or both")
+        return self
+
+
+class Gate(_Strict):
+    metrics: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], MetricRule] = Field(min_length=1)
+
+
+class Review(_Strict):
+    backend: Literal["local_git"]
+    repository: str = Field(
+        default="deploy-repo", description="Deployment repository, relative to the local home."
+    )
+    auto_approve: bool = Field(default=False, description="Approve without a human (demo and tests).")
+    reviewers: list[str] = Field(default_factory=list)
+    timeout_hours: float = Field(default=72, gt=0, le=24 * 30)
+
+
+class Deploy(_Strict):
+    backend: Literal["local_process"]
+    environments: list[str] = Field(default_factory=lambda: ["dev", "staging", "production"], min_length=1)
+    port: int = Field(ge=1024, le=65535, description="Loopback port of the local production service.")
+    verify_timeout_seconds: int = Field(default=300, ge=5, le=24 * 3600)
+    poll_interval_seconds: float = Field(default=2.0, gt=0, le=300)
+
+    @field_validator("environments")
+    @classmethod
+    def _ends_in_production(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"environments must be unique, got {value}")
+        if value[-1] != "production":
+            raise ValueError(f"the last environment must be 'production', got {value}")
+        return value
+
+
+class Alerting(_Strict):
+    emails: list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(default_factory=list)
+    on_failure: bool = True
+
+
+class ModelLineConfig(_Strict):
+    model_line: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    owner: Owner
+    tags: list[str] = Field(default_factory=list)
+    retries: int = Field(default=2, ge=0, le=10)
+    retry_delay_seconds: int = Field(default=60, ge=0, le=3600)
+    schedule: Schedule
+    window: Window
+    extract: Extract
+    train: Train
+    registry: Registry
+    gate: Gate
+    review: Review
+    deploy: Deploy
+    alerting: Alerting = Field(default_factory=Alerting)
+
+    @property
+    def lifecycle_dag_id(self) -> str:
+        return f"{self.model_line}__lifecycle"
+
+    @property
+    def sql_path(self) -> Path:
+        return paths.include_dir() / self.extract.sql
+
+    @property
+    def entrypoint_path(self) -> Path:
+        return paths.include_dir() / self.train.entrypoint
+
+    @model_validator(mode="after")
+    def _files_exist_and_match(self) -> ModelLineConfig:
+        problems = []
+        if not self.sql_path.is_file():
+            problems.append(f"extract.sql: file {self.sql_path} does not exist (paths are relative to include/)")
+        else:
+            used = set(SQL_TABLE_REF.findall(self.sql_path.read_text()))
+            missing = sorted(used - set(self.extract.tables))
+            if missing:
+                problems.append(
+                    f"extract.tables: the SQL uses {{{{ tables.X }}}} for {missing} but tables only "
+                    f"defines {sorted(self.extract.tables)}"
+                )
+        if not self.entrypoint_path.is_file():
+            problems.append(
+                f"train.entrypoint: file {self.entrypoint_path} does not exist (paths are relative to include/)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, error["loc"][:-1])
+        hint = f" (allowed keys here: {', '.join(allowed)})" if allowed else ""
+        return f"{loc}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{loc}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if not loc:  # cross-field checks name their own fields
+        return message
+    found = error.get("input")
+    if isinstance(found, (dict, list)) or found is None or error["type"].startswith("value_error"):
+        return f"{loc}: {message}"
+    return f"{loc}: {message} (got {found!r})"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Walk the schema along ``loc`` to list the keys allowed where an unknown key was found."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def load_model_line(path: Path) -> ModelLineConfig:
+    """Read and validate one model-line file; raise :class:`ModelLineConfigError` naming the problems."""
+    shown = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ModelLineConfigError(shown, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    except OSError as exc:
+        raise ModelLineConfigError(shown, [f"cannot read file: {exc.strerror}"]) from None
+    if not isinstance(raw, dict):
+        raise ModelLineConfigError(shown, [f"expected a mapping at the top level, got {type(raw).__name__}"])
+    try:
+        config = ModelLineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelLineConfigError(shown, [_format_error(e, ModelLineConfig) for e in exc.errors()]) from None
+    if config.model_line != path.stem:
+        raise ModelLineConfigError(
+            shown, [f"model_line: '{config.model_line}' must equal the file name '{path.stem}'"]
+        )
+    return config
+
+
+def load_model_lines(
+    folder: Path | None = None,
+) -> tuple[list[ModelLineConfig], list[ModelLineConfigError]]:
+    """Validate every ``*.yaml`` in ``folder``; return (valid configs, one error per invalid file).
+
+    Lines that clash with an earlier valid line (same registered model, same service port) are
+    reported as errors too, and left out.
+    """
+    folder = folder or paths.model_lines_dir()
+    configs: list[ModelLineConfig] = []
+    errors: list[ModelLineConfigError] = []
+    owners: dict[tuple[str, object], str] = {}
+    for path in sorted(folder.glob("*.yaml")):
+        try:
+            config = load_model_line(path)
+        except ModelLineConfigError as exc:
+            errors.append(exc)
+            continue
+        clashes = []
+        for field, value in (
+            ("registry.model_name", config.registry.model_name),
+            ("deploy.port", config.deploy.port),
+        ):
+            first = owners.setdefault((field, value), config.model_line)
+            if first != config.model_line:
+                clashes.append(f"{field}: {value!r} is already used by model line '{first}'")
+        if clashes:
+            errors.append(ModelLineConfigError(str(path), clashes))
+        else:
+            configs.append(config)
+    return configs, errors

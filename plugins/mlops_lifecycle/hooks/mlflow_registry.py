@@ -1,0 +1,170 @@
+"""MLflow tracking and registry, reached through an Airflow connection.
+
+Connection ``mlflow_default`` (any type, e.g. ``http``):
+- ``host``/``port``/``schema`` give a tracking server (``schema`` is the URL scheme, default http),
+  or ``extra.tracking_uri`` gives any MLflow URI (``sqlite:///...`` for a local file store);
+- ``password`` is an access token, handed to MLflow as ``MLFLOW_TRACKING_TOKEN`` and never logged;
+- ``extra.ui_url`` is where people browse it (for links in the Airflow UI); defaults to the
+  tracking URI when that is http(s).
+
+Registry moves are compare-and-set (read the alias, check, move, read back) and audit tags are
+append-only: a tag is written once and never silently changed.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from airflow.sdk import BaseHook
+
+from mlops_lifecycle.exceptions import LifecycleError, RegistryConflict
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+RUN_KEY_TAG = "lifecycle.run_key"
+
+
+class MlflowRegistryHook(BaseHook):
+    conn_name_attr = "mlflow_conn_id"
+    default_conn_name = "mlflow_default"
+    conn_type = "http"
+    hook_name = "MLflow (lifecycle)"
+
+    def __init__(self, mlflow_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.mlflow_conn_id = mlflow_conn_id
+
+    @cached_property
+    def _connection_settings(self) -> tuple[str, str | None, str | None]:
+        conn = self.get_connection(self.mlflow_conn_id)
+        extra = conn.extra_dejson
+        uri = extra.get("tracking_uri")
+        if not uri:
+            if not conn.host:
+                raise LifecycleError(
+                    f"Connection '{self.mlflow_conn_id}' needs a host or extra.tracking_uri for MLflow"
+                )
+            host = conn.host if "://" in conn.host else f"{conn.schema or 'http'}://{conn.host}"
+            uri = f"{host}:{conn.port}" if conn.port else host
+        ui = extra.get("ui_url") or (uri if uri.startswith(("http://", "https://")) else None)
+        return uri, conn.password or None, ui
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._connection_settings[0]
+
+    def process_env(self) -> dict[str, str]:
+        """Environment for a child process (training, service) to reach the same MLflow."""
+        uri, token, _ = self._connection_settings
+        env = {"MLFLOW_TRACKING_URI": uri}
+        if token:
+            env["MLFLOW_TRACKING_TOKEN"] = token
+        return env
+
+    @cached_property
+    def client(self) -> MlflowClient:
+        from mlflow.tracking import MlflowClient
+
+        uri, token, _ = self._connection_settings
+        if token:
+            os.environ["MLFLOW_TRACKING_TOKEN"] = token
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    # links -----------------------------------------------------------------------------------
+    def run_url(self, experiment_id: str, run_id: str) -> str | None:
+        ui = self._connection_settings[2]
+        return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if ui else None
+
+    def model_version_url(self, name: str, version: str) -> str | None:
+        ui = self._connection_settings[2]
+        return f"{ui.rstrip('/')}/#/models/{quote(name)}/versions/{version}" if ui else None
+
+    # tracking ---------------------------------------------------------------------------------
+    def find_run(self, experiment: str, run_key: str, status: str = "FINISHED") -> Run | None:
+        """The newest run of ``experiment`` tagged with ``run_key`` in ``status``, if any."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        runs = self.client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and attributes.status = '{status}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def get_run(self, run_id: str) -> Run:
+        return self.client.get_run(run_id)
+
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    # registry ---------------------------------------------------------------------------------
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """Version the alias points to, or None when the model or the alias does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """All aliases of a registered model: {alias: version}."""
+        return {alias: str(version) for alias, version in self.client.get_registered_model(name).aliases.items()}
+
+    def version_tags(self, name: str, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(name, version).tags)
+
+    def expect_alias(self, name: str, alias: str, expected: str | None, target: str) -> str | None:
+        """Read ``alias``; raise :class:`RegistryConflict` unless it is at ``expected`` or already at ``target``."""
+        current = self.alias_version(name, alias)
+        if current not in (expected, target):
+            raise RegistryConflict(
+                f"Registered model '{name}': alias '{alias}' points to v{current}, expected "
+                f"v{expected}; someone moved it since this run read it. Nothing was changed: re-run the "
+                "lifecycle to gate against the new state."
+            )
+        return current
+
+    def move_alias(self, name: str, alias: str, version: str, expected: str | None) -> bool:
+        """Compare-and-set: move ``alias`` to ``version`` only if it still points to ``expected``.
+
+        Returns False when the alias already points to ``version`` (a retry: nothing to do).
+        Raises :class:`RegistryConflict` when it points somewhere unexpected.
+        """
+        current = self.expect_alias(name, alias, expected, version)
+        if current == version:
+            return False
+        self.client.set_registered_model_alias(name, alias, version)
+        after = self.alias_version(name, alias)
+        if after != version:
+            raise RegistryConflict(
+                f"Registered model '{name}': alias '{alias}' moved to v{after} while this run set it "
+                f"to v{version}"
+            )
+        self.log.info("Registered model '%s': alias '%s' v%s -> v%s", name, alias, current, version)
+        return True
+
+    def add_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        """Append-only audit tags: write keys that are not there yet, never rewrite one that is.
+
+        A retry re-sends the same tags (timestamps included): the first write wins and a differing
+        value is logged, not applied, so the record keeps what happened first.
+        """
+        existing = self.version_tags(name, version)
+        for key, value in tags.items():
+            value = str(value)
+            if key in existing:
+                if existing[key] != value:
+                    self.log.info("Audit tag %s of %s v%s already recorded; keeping it", key, name, version)
+                continue
+            self.client.set_model_version_tag(name, version, key, value)

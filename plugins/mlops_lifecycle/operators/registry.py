@@ -1,0 +1,193 @@
+"""Gate the candidate, stage it, and finally promote it: the MLflow side of the lifecycle.
+
+The gate reads metrics only and writes its verdict to the *run* (tracking), never to the registry,
+so a rejected model leaves the registry exactly as it was. Staging and promotion move aliases with
+compare-and-set and write the append-only audit tags described in DESIGN.md §3.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from mlops_lifecycle.exceptions import GateRejected
+from mlops_lifecycle.gate import evaluate_gate
+from mlops_lifecycle.links import MlflowModelVersionLink, MlflowRunLink
+from mlops_lifecycle.operators.base import LifecycleOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+BASELINE_PREFIX = "production."
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class GateOperator(LifecycleOperator):
+    """Apply the line's gate rules to the candidate's run; a rejection fails the task without retry."""
+
+    template_fields = ("candidate",)
+    operator_extra_links = (MlflowRunLink(),)
+    ui_color = "#fde2e2"
+
+    def __init__(self, *, candidate: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.candidate = candidate
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        c = self.candidate
+        run = self.registry.get_run(c["run_id"])
+        self.set_link(MlflowRunLink.key, self.registry.run_url(c["experiment_id"], c["run_id"]))
+        metrics = {k: v for k, v in run.data.metrics.items() if not k.startswith(BASELINE_PREFIX)}
+        baseline = {
+            k.removeprefix(BASELINE_PREFIX): v for k, v in run.data.metrics.items() if k.startswith(BASELINE_PREFIX)
+        }
+        verdict = evaluate_gate(self.config.gate.metrics, metrics, baseline, c["production_version"])
+        for result in verdict.results:
+            self.log.info("%s %-10s %s", "PASS" if result.passed else "FAIL", result.rule, result.reason)
+        self.registry.set_run_tags(
+            c["run_id"], {"gate.verdict": "passed" if verdict.passed else "rejected", "gate.summary": verdict.summary()}
+        )
+        if not verdict.passed:
+            raise GateRejected(
+                f"Gate rejected {c['model_name']} v{c['model_version']} (run {c['run_id']}): "
+                f"{verdict.summary()}. Registry unchanged; not retried."
+            )
+        self.log.info("Gate %s", verdict.summary())
+        return {**verdict.as_dict(), "metrics": metrics}
+
+
+class StageOperator(LifecycleOperator):
+    """Point the staging alias at the gated candidate and write its audit record."""
+
+    template_fields = ("candidate", "verdict")
+    operator_extra_links = (MlflowModelVersionLink(),)
+
+    def __init__(self, *, candidate: Any, verdict: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.candidate = candidate
+        self.verdict = verdict
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        c, reg = self.candidate, self.config.registry
+        if not self.verdict.get("passed"):
+            raise GateRejected(f"{c['model_name']} v{c['model_version']} has no passing gate verdict")
+        ids = self.airflow_ids(context)
+        self.registry.add_version_tags(
+            c["model_name"],
+            c["model_version"],
+            {
+                "audit.model_line": c["model_line"],
+                "audit.run_id": c["run_id"],
+                "audit.run_key": c["run_key"],
+                "audit.code_revision": c["code_revision"],
+                "audit.data_window": c["window"],
+                "audit.holdout_start": c["holdout_start"],
+                "audit.snapshot": c["snapshot"],
+                "audit.metrics": json.dumps(self.verdict["metrics"], sort_keys=True),
+                "audit.gate": json.dumps(
+                    [
+                        {k: r[k] for k in ("metric", "rule", "value", "limit", "passed")}
+                        for r in self.verdict["results"]
+                    ]
+                ),
+                "audit.gate_verdict": "passed",
+                "audit.gated_against_production": c["production_version"] or "none",
+                "audit.staged_by": f"airflow:{ids['airflow.dag_id']}/{ids['airflow.run_id']}",
+                "audit.staged_at": _now(),
+            },
+        )
+        previous = self.registry.alias_version(c["model_name"], reg.staging_alias)
+        self.registry.move_alias(c["model_name"], reg.staging_alias, c["model_version"], expected=previous)
+        self.set_link(MlflowModelVersionLink.key, self.model_version_url(c["model_version"]))
+        return {"alias": reg.staging_alias, "version": c["model_version"], "previous": previous}
+
+
+class PromoteOperator(LifecycleOperator):
+    """Move production to the verified version (compare-and-set) and complete the audit record.
+
+    The alias must still point where it pointed when the candidate was gated; otherwise someone
+    promoted in between and this run stops without touching the registry. The replaced version keeps
+    the previous-production alias, so rollback has a target.
+    """
+
+    template_fields = ("candidate", "review", "approval", "merge", "deployment", "verification")
+    operator_extra_links = (MlflowModelVersionLink(),)
+    ui_color = "#d9f2d9"
+
+    def __init__(
+        self, *, candidate: Any, review: Any, approval: Any, merge: Any, deployment: Any, verification: Any,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.candidate = candidate
+        self.review = review
+        self.approval = approval
+        self.merge = merge
+        self.deployment = deployment
+        self.verification = verification
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from mlops_lifecycle.changelog import render_promotion
+
+        c, reg = self.candidate, self.config.registry
+        name, version, expected = c["model_name"], c["model_version"], c["production_version"]
+        ids = self.airflow_ids(context)
+        promoted_by = f"airflow:{ids['airflow.dag_id']}/{ids['airflow.run_id']}"
+        promoted_at = _now()
+        # check before writing anything, then the record, then the move: a promotion never lacks
+        # its audit trail, and a conflict leaves the registry untouched
+        self.registry.expect_alias(name, reg.production_alias, expected, version)
+        self.registry.add_version_tags(
+            name,
+            version,
+            {
+                "audit.review_id": self.review["review_id"],
+                "audit.approved_by": ",".join(self.approval["approved_by"]),
+                "audit.approved_at": self.approval["approved_at"],
+                "audit.merge_commit": self.merge["merge_commit"],
+                "audit.deployments": json.dumps(self.deployment["deployments"], sort_keys=True),
+                "audit.verified": f"{self.verification['url']} reported v{version}",
+                "audit.previous_production_version": expected or "none",
+                "audit.promoted_by": promoted_by,
+                "audit.promoted_at": promoted_at,
+            },
+        )
+        moved = self.registry.move_alias(name, reg.production_alias, version, expected=expected)
+        if expected:
+            current_previous = self.registry.alias_version(name, reg.previous_production_alias)
+            self.registry.move_alias(name, reg.previous_production_alias, expected, expected=current_previous)
+            self.registry.add_version_tags(
+                name, expected, {"audit.replaced_by_version": version, "audit.replaced_at": promoted_at}
+            )
+        entry = render_promotion(
+            model_line=c["model_line"],
+            model_version=version,
+            previous_version=expected,
+            approvers=self.approval["approved_by"],
+            approved_at=self.approval["approved_at"],
+            review_ref=self.review["review_id"],
+            merge_commit=self.merge["merge_commit"],
+            deployments=self.deployment["deployments"],
+            served_by=self.verification["url"],
+            promoted_by=promoted_by,
+            promoted_at=promoted_at,
+        )
+        changelog_commit = self.deployment_repo.append_on_main(
+            f"changelog/{c['model_line']}.md", entry, f"{c['model_line']}: v{version} promoted to production"
+        )
+        self.set_link(MlflowModelVersionLink.key, self.model_version_url(version))
+        self.log.info(
+            "%s v%s is production (%s); previous production: %s; changelog commit %s",
+            name, version, "moved now" if moved else "already there", expected or "none", changelog_commit,
+        )
+        return {
+            "model_name": name,
+            "production_version": version,
+            "previous_production_version": expected,
+            "changelog_commit": changelog_commit,
+            "moved": moved,
+        }

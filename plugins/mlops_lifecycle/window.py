@@ -1,0 +1,76 @@
+"""The data window of a run and the run key derived from it.
+
+The window is the Airflow data interval: the run for interval [start, end) trains on
+``training_lookback_days`` of data ending at ``end`` and holds out the last ``holdout_days``.
+A run without a logical date (a manual trigger in Airflow 3 may have none) gets the last complete
+cron period before it was triggered, so it still has a real, reproducible window.
+
+The run key (model line + window) identifies every side effect of the run: the snapshot, the MLflow
+run tag, the review branch. A retry, or a re-run of the same window, finds what the first made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timedelta, timezone
+
+from mlops_lifecycle.config import ModelLineConfig
+
+
+@dataclass(frozen=True)
+class DataWindow:
+    model_line: str
+    interval_start: datetime
+    interval_end: datetime
+    train_start: date
+    holdout_start: date
+    window_end: date  # exclusive
+
+    @property
+    def run_key(self) -> str:
+        return f"{self.model_line}/{self.interval_start:%Y%m%dT%H%M}-{self.interval_end:%Y%m%dT%H%M}"
+
+    @property
+    def label(self) -> str:
+        """Short, human-readable window: training data [train_start, window_end)."""
+        return f"{self.train_start.isoformat()}..{self.window_end.isoformat()}"
+
+    def as_dict(self) -> dict[str, str]:
+        """XCom-friendly form (ISO strings), including the run key."""
+        out = {k: v.isoformat() for k, v in asdict(self).items() if k != "model_line"}
+        return {"model_line": self.model_line, "run_key": self.run_key, **out}
+
+
+def last_complete_interval(cron: str, tz: str, before: datetime) -> tuple[datetime, datetime]:
+    """The last complete cron period ending at or before ``before``."""
+    from croniter import croniter
+    from zoneinfo import ZoneInfo
+
+    local = before.astimezone(ZoneInfo(tz))
+    itr = croniter(cron, local + timedelta(seconds=1))
+    end = itr.get_prev(datetime)
+    start = itr.get_prev(datetime)
+    return start.astimezone(timezone.utc), end.astimezone(timezone.utc)
+
+
+def resolve_window(
+    config: ModelLineConfig,
+    interval_start: datetime | None,
+    interval_end: datetime | None,
+    run_after: datetime | None,
+) -> DataWindow:
+    """Window of a run from its data interval; falls back to the last cron period before ``run_after``."""
+    if interval_start is None or interval_end is None or interval_end <= interval_start:
+        anchor = run_after or datetime.now(timezone.utc)
+        interval_start, interval_end = last_complete_interval(
+            config.schedule.cron, config.schedule.timezone, anchor
+        )
+    window_end = interval_end.date()
+    return DataWindow(
+        model_line=config.model_line,
+        interval_start=interval_start.astimezone(timezone.utc),
+        interval_end=interval_end.astimezone(timezone.utc),
+        train_start=window_end - timedelta(days=config.window.training_lookback_days),
+        holdout_start=window_end - timedelta(days=config.window.holdout_days),
+        window_end=window_end,
+    )
