@@ -1,0 +1,152 @@
+"""The local stack for the demo, the tests and the benchmarks: Airflow home, MLflow server, one lifecycle run.
+
+Nothing here runs in Airflow itself. ``stack_env`` must be applied to ``os.environ`` before Airflow
+is imported, since Airflow reads its configuration at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mlops_lifecycle import paths
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stack_env(home: Path, mlflow_url: str, mlflow_ui_url: str | None = None, database_url: str | None = None) -> dict[str, str]:
+    """Environment for Airflow and the local adapters, all state under ``home``."""
+    airflow_home = home / "airflow"
+    conn = {"conn_type": "http", "extra": {"tracking_uri": mlflow_url, "ui_url": mlflow_ui_url or mlflow_url}}
+    return {
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(paths.REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(paths.REPO_ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url or f"sqlite:///{airflow_home / 'airflow.db'}",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps(conn),
+        "MLOPS_LOCAL_HOME": str(home),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.REPO_ROOT / "plugins"), os.environ.get("PYTHONPATH")])),
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
+
+
+def migrate_airflow_db(env: dict[str, str]) -> None:
+    """``airflow db migrate`` in a child process (idempotent, a few seconds when already migrated)."""
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    airflow = Path(sys.executable).with_name("airflow")
+    subprocess.run([str(airflow), "db", "migrate"], env={**os.environ, **env}, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process serving {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@dataclass
+class MlflowServer:
+    store: Path
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> MlflowServer:
+        """Start ``mlflow server`` (SQLite backend, local artifacts) unless one already answers on the port."""
+        if port_open(self.port):
+            wait_http(f"{self.url}/health", 10)
+            return self
+        self.store.mkdir(parents=True, exist_ok=True)
+        mlflow = Path(sys.executable).with_name("mlflow")
+        log = open(self.store / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}",
+             "--artifacts-destination", str(self.store / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, stdin=subprocess.DEVNULL,
+        )
+        wait_http(f"{self.url}/health", timeout, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+
+
+@dataclass
+class LifecycleResult:
+    dag_id: str
+    run_id: str
+    state: str
+    task_states: dict[str, str]
+    seconds: float
+    task_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_lifecycle(dag_id: str, logical_date: datetime | None) -> LifecycleResult:
+    """Run one lifecycle DAG run in this process with ``dag.test`` (real metadata DB, triggers inline)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(paths.REPO_ROOT / "dags"))
+    dag = bag.get_dag(dag_id)
+    if dag is None:
+        raise LookupError(f"DAG {dag_id} not found; import errors: {bag.import_errors}")
+    started = time.monotonic()
+    dr = dag.test(logical_date=logical_date)
+    seconds = time.monotonic() - started
+    tis = dr.get_task_instances()
+    return LifecycleResult(
+        dag_id=dag_id,
+        run_id=dr.run_id,
+        state=str(dr.state),
+        task_states={ti.task_id: str(ti.state) for ti in tis},
+        seconds=seconds,
+        task_seconds={ti.task_id: float(ti.duration or 0.0) for ti in tis},
+    )
+
+
+def service_version(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"{url}/version", timeout=5) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None

@@ -1,0 +1,95 @@
+"""`make demo`: one complete lifecycle of a model line on the embedded local adapters, then a summary.
+
+State lives under .local/ (Airflow home, MLflow store, warehouse, deployment repository, services).
+The window is the last complete schedule period before now, so a second run the same week finds
+everything already done and ends as a clean no-op; exit code 0 only if production serves the version
+this window produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugins"))
+
+from mlops_lifecycle import devstack, paths  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-line", default="demand_forecast")
+    parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", "5000")))
+    args = parser.parse_args()
+
+    home = paths.local_home()
+    server = devstack.MlflowServer(home / "mlflow", args.mlflow_port)
+    env = devstack.stack_env(home, server.url)
+    os.environ.update(env)
+
+    from mlops_lifecycle.config import load_model_line
+    from mlops_lifecycle.window import last_complete_interval, resolve_window
+
+    config = load_model_line(paths.model_lines_dir() / f"{args.model_line}.yaml")
+    start, end = last_complete_interval(config.schedule.cron, config.schedule.timezone, datetime.now(timezone.utc))
+    window = resolve_window(config, start, end, None)
+    print(f"==> {config.model_line}: data interval {start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} UTC")
+    print(f"==> Airflow home {env['AIRFLOW_HOME']} (migrating the metadata DB)", flush=True)
+    devstack.migrate_airflow_db(env)
+    print(f"==> MLflow server {server.url} (store {server.store})", flush=True)
+    server.start()
+    try:
+        result = devstack.run_lifecycle(config.lifecycle_dag_id, logical_date=end)
+        return summarize(config, window, result, server.url)
+    finally:
+        server.stop()
+
+
+def summarize(config, window, result, tracking_uri: str) -> int:  # noqa: ANN001
+    from mlops_lifecycle.adapters.local_git import LocalGitRepository
+    from mlops_lifecycle.gate import evaluate_gate
+    from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
+
+    reg = MlflowRegistryHook()
+    out = [f"\n{'=' * 72}", f"Lifecycle {result.dag_id}  run {result.run_id}: {result.state} in {result.seconds:.0f} s"]
+    out.append("  tasks: " + ", ".join(f"{t}={s}" for t, s in result.task_states.items()))
+    out.append(f"Data window      {window.label} (holdout from {window.holdout_start}), run key {window.run_key}")
+    run = reg.find_run(config.registry.experiment, window.run_key)
+    version = None
+    if run is None:
+        out.append("MLflow run       none finished for this window")
+    else:
+        version = run.data.tags.get("lifecycle.registered_version")
+        metrics = {k: v for k, v in run.data.metrics.items() if not k.startswith("production.")}
+        baseline = {k.removeprefix("production."): v for k, v in run.data.metrics.items() if k.startswith("production.")}
+        prod_then = run.data.tags.get("lifecycle.production_version", "none")
+        verdict = evaluate_gate(config.gate.metrics, metrics, baseline, None if prod_then == "none" else prod_then)
+        out.append(f"MLflow run       {run.info.run_id}  {reg.run_url(run.info.experiment_id, run.info.run_id)}")
+        for r in verdict.results:
+            out.append(f"  gate {'PASS' if r.passed else 'FAIL'}  {r.reason}")
+        out.append(f"Model version    {config.registry.model_name} v{version}")
+    aliases = reg.aliases(config.registry.model_name) if version else {}
+    out.append(f"Aliases          {', '.join(f'{a}=v{v}' for a, v in sorted(aliases.items())) or 'none'}")
+    repo = LocalGitRepository(paths.local_home() / config.review.repository)
+    out.append(f"Changelog        {repo.path} (main):")
+    out += [f"  {line}" for line in repo.log_subjects(limit=6)] if (repo.path / ".git").exists() else ["  none"]
+    url = f"http://127.0.0.1:{config.deploy.port}"
+    served = devstack.service_version(url)
+    out.append(f"Service          {url}/version -> {served}")
+    out.append(f"MLflow           tracking URI {tracking_uri} (browse it with `make up`)")
+    ok = bool(
+        version and aliases.get(config.registry.production_alias) == version
+        and served and str(served.get("model_version")) == version
+    )
+    out.append(f"RESULT           {'production serves v' + str(version) if ok else 'production does NOT serve this window' + chr(39) + 's version'}")
+    out.append("=" * 72)
+    print("\n".join(out))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
