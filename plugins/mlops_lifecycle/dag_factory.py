@@ -4,6 +4,7 @@ The lifecycle DAG::
 
     extract >> train >> gate >> stage >> open_review >> approve_review >> merge_review
             >> deploy >> verify_serving >> promote
+    (approve_review, merge_review, deploy, verify_serving) --one_failed--> restore_staging
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from airflow.sdk import DAG, CronDataIntervalTimetable
+from airflow.sdk import DAG, CronDataIntervalTimetable, TriggerRule
 
 from mlops_lifecycle import paths
 from mlops_lifecycle.config import ModelLineConfig, load_model_lines
 from mlops_lifecycle.exceptions import ModelLineConfigError
 from mlops_lifecycle.operators.data import ExtractOperator, TrainOperator
 from mlops_lifecycle.operators.deploy import LocalDeployOperator, VerifyServingOperator
-from mlops_lifecycle.operators.registry import GateOperator, PromoteOperator, StageOperator
+from mlops_lifecycle.operators.registry import (
+    GateOperator,
+    PromoteOperator,
+    RestoreStagingOperator,
+    StageOperator,
+)
 from mlops_lifecycle.operators.review import MergeReviewOperator, OpenReviewOperator, ReviewApprovalOperator
 
 if TYPE_CHECKING:
@@ -119,6 +125,12 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
             **common,
         )
         stage >> review
+        # a rejected review or a failed deployment leaves the registry as it was
+        restore = RestoreStagingOperator(
+            task_id="restore_staging", trigger_rule=TriggerRule.ONE_FAILED, retries=0, **common
+        )
+        # promote stays a leaf, so the run still ends failed when restore_staging succeeds
+        [approval, merge, deploy, verify] >> restore
     return dag
 
 

@@ -82,22 +82,22 @@ class LocalGitRepository:
         )
         return out.stdout if out.returncode == 0 else None
 
-    def _commit_files(self, files: Mapping[str, str], message: str, append: bool) -> str | None:
-        """Write (or append to) files in the checked-out branch and commit; None if nothing changed.
+    def _commit_files(self, replace: Mapping[str, str], append: Mapping[str, str], message: str) -> str | None:
+        """Write ``replace`` files and append ``append`` entries on the checked-out branch, in one commit.
 
-        Appended entries are identified by their first (heading) line, so a retry that renders the
-        same entry again, even with a later timestamp in its body, does not append it twice.
+        Returns the commit, or None if nothing changed. Appended entries are identified by their
+        first (heading) line, so a retry that renders the same entry again, even with a later
+        timestamp in its body, does not append it twice.
         """
-        for relpath, content in files.items():
+        for relpath, content in [*replace.items(), *append.items()]:
             target = self.path / relpath
             target.parent.mkdir(parents=True, exist_ok=True)
-            if append and target.exists():
+            if relpath in append and target.exists():
                 existing = target.read_text()
                 if content.splitlines()[0] in existing.splitlines():
-                    continue  # an entry is identified by its heading line: already recorded
-                target.write_text(existing + content)
-            else:
-                target.write_text(content)
+                    continue  # already recorded
+                content = existing + content
+            target.write_text(content)
             self.git("add", relpath)
         if not self.git("status", "--porcelain"):
             return None
@@ -120,8 +120,7 @@ class LocalGitRepository:
                 self.git("checkout", "-q", "-b", branch, MAIN)
                 log.info("Created branch %s from %s", branch, MAIN)
             try:
-                self._commit_files(replace, message, append=False)
-                self._commit_files(append, message, append=True)
+                self._commit_files(replace, append, message)
                 return self.git("rev-parse", "HEAD")
             finally:
                 self.git("checkout", "-q", MAIN)
@@ -161,7 +160,7 @@ class LocalGitRepository:
         """Append an entry to a file on main (skipped if the same entry is already there)."""
         with self.locked():
             self.git("checkout", "-q", MAIN)
-            sha = self._commit_files({relpath: entry}, message, append=True)
+            sha = self._commit_files({}, {relpath: entry}, message)
             return sha or self.git("rev-parse", "HEAD")
 
     def log_subjects(self, ref: str = MAIN, limit: int = 20) -> list[str]:

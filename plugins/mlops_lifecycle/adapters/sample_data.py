@@ -68,9 +68,7 @@ def _stream(seed: int, market: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, market, stream])
 
 
-def generate_daily_demand(
-    start: date, end: date, n_markets: int = 12, seed: int = 20240101
-) -> pd.DataFrame:
+def generate_daily_demand(start: date, end: date, n_markets: int = 12, seed: int = 20240101) -> pd.DataFrame:
     """Daily demand of markets ``M01``..``Mnn`` for every day in ``[start, end]`` (inclusive).
 
     Days before :data:`SAMPLE_EPOCH` have no data and are left out. Columns: ``market_id`` (str),

@@ -83,7 +83,8 @@ class LocalWarehouse:
 
         target = self.root / "snapshots" / f"{name}.parquet"
         if target.exists():
-            rows = duckdb.sql(f"SELECT count(*) FROM read_parquet('{target}')").fetchone()[0]
+            with duckdb.connect(":memory:") as con:
+                rows = con.execute(f"SELECT count(*) FROM read_parquet('{target}')").fetchone()[0]
             log.info("Snapshot %s already exists (%d rows): reusing it, no query run", target, rows)
             return Snapshot(uri=str(target), rows=rows, reused=True)
 

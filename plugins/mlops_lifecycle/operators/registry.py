@@ -106,6 +106,46 @@ class StageOperator(LifecycleOperator):
         return {"alias": reg.staging_alias, "version": c["model_version"], "previous": previous}
 
 
+class RestoreStagingOperator(LifecycleOperator):
+    """After a rejected review or a failed deployment, put the staging alias back where it was.
+
+    Runs only when something downstream of staging failed (trigger rule ``one_failed``). It moves the
+    alias back only if it still points at this run's candidate (compare-and-set), so a later run's
+    staging is never undone. The run still ends failed.
+    """
+
+    ui_color = "#f4f4f4"
+
+    def execute(self, context: Context) -> dict[str, Any] | None:
+        ti = context["ti"]
+        staged = ti.xcom_pull(task_ids="stage")
+        if not staged:
+            self.log.info("Staging was not moved by this run: nothing to restore")
+            return None
+        name = self.config.registry.model_name
+        alias, ours, previous = staged["alias"], staged["version"], staged["previous"]
+        if self.registry.alias_version(name, self.config.registry.production_alias) == ours:
+            self.log.info("v%s already reached production: staging stays", ours)
+            return None
+        if self.registry.alias_version(name, alias) != ours:
+            self.log.info("Alias '%s' no longer points at v%s: leaving it", alias, ours)
+            return None
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=sorted(self.upstream_task_ids))
+        failed = sorted(t for t, state in states.get(ti.run_id, {}).items() if state == "failed")
+        reason = f"{', '.join(failed) or 'a later step'} failed in airflow:{ti.dag_id}/{ti.run_id}"
+        if previous is None:
+            self.registry.client.delete_registered_model_alias(name, alias)
+            self.log.info("Removed alias '%s' from v%s (it pointed nowhere before this run)", alias, ours)
+        else:
+            self.registry.move_alias(name, alias, previous, expected=ours)
+        # the version did reach staging: its audit record says so, and why it was withdrawn
+        self.registry.add_version_tags(
+            name, ours, {"audit.staging_withdrawn_at": _now(), "audit.staging_withdrawn_because": reason}
+        )
+        self.log.info("Staging withdrawn from v%s (back to %s): %s", ours, previous or "none", reason)
+        return {"alias": alias, "restored_to": previous, "was": ours, "because": reason}
+
+
 class PromoteOperator(LifecycleOperator):
     """Move production to the verified version (compare-and-set) and complete the audit record.
 

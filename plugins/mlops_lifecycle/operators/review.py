@@ -137,7 +137,7 @@ class ReviewApprovalOperator(LifecycleOperator, ApprovalOperator):
             c = self.candidate
             raise ReviewRejected(
                 f"Review {self.review['review_id']} of {c['model_name']} v{c['model_version']} rejected by "
-                f"{who}: nothing merged, deployed or promoted; registry unchanged"
+                f"{who}: nothing merged, deployed or promoted; restore_staging puts the staging alias back"
             )
         self.log.info("Approved by %s", who)
         return self._decision([who], payload["responded_at"])

@@ -1,0 +1,66 @@
+"""Test session: an isolated Airflow home and local state, a real MLflow server, a migrated metadata DB.
+
+Airflow reads its configuration when it is first imported, so the environment is set here, at
+conftest import, before any test module imports Airflow.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugins"))
+
+from mlops_lifecycle import devstack  # noqa: E402
+
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="mlops-tests-"))
+MODEL_LINES = SESSION_HOME / "model_lines"
+MODEL_LINES.mkdir()
+_MLFLOW = devstack.MlflowServer(SESSION_HOME / "mlflow", devstack.free_port())
+os.environ.update(devstack.stack_env(SESSION_HOME, _MLFLOW.url))
+os.environ["MLOPS_MODEL_LINES_DIR"] = str(MODEL_LINES)
+# a reviewer account for human-in-the-loop answers through the REST API
+REVIEWER, REVIEWER_PASSWORD = "reviewer", "reviewer-test-password"
+(SESSION_HOME / "passwords.json").write_text(f'{{"{REVIEWER}": "{REVIEWER_PASSWORD}"}}')
+os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = f"{REVIEWER}:admin"
+os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] = str(SESSION_HOME / "passwords.json")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> devstack.MlflowServer:
+    """A real ``mlflow server`` (SQLite backend, served artifacts) for the whole session."""
+    _MLFLOW.start()
+    yield _MLFLOW
+    _MLFLOW.stop()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """The session's Airflow metadata DB, migrated once."""
+    devstack.migrate_airflow_db(dict(os.environ))
+    return Path(os.environ["AIRFLOW_HOME"])
+
+
+@pytest.fixture(scope="session")
+def stack(mlflow_server, airflow_db) -> Path:  # noqa: ANN001
+    """Everything an end-to-end lifecycle run needs; returns the local home."""
+    yield SESSION_HOME
+    from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
+
+    deployer = LocalServiceDeployer(SESSION_HOME / "services", REPO / "include" / "service")
+    for state in (SESSION_HOME / "services").glob("*.json"):
+        deployer.stop(state.stem)
+
+
+def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001
+    _MLFLOW.stop()
+    if exitstatus == 0:
+        shutil.rmtree(SESSION_HOME, ignore_errors=True)
+    else:
+        print(f"\nTest state kept for inspection: {SESSION_HOME}")

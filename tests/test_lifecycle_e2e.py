@@ -1,0 +1,291 @@
+"""The whole lifecycle DAG on the embedded local adapters: real Airflow, MLflow server, git and service.
+
+One model line lives through a sequence of weekly windows: first promotion, a re-run of the same
+window, a gate rejection, a review rejection, a service serving the wrong version, and a second
+promotion against the first. Every unhappy end must leave the registry as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import json
+import threading
+from datetime import datetime, timezone
+
+import pytest
+import yaml
+from conftest import MODEL_LINES, REVIEWER
+from hitl import Reviewer
+
+from mlops_lifecycle import devstack, paths
+
+pytestmark = pytest.mark.e2e
+
+LINE = "e2e_demand"
+DAG_ID = f"{LINE}__lifecycle"
+BASE = yaml.safe_load((paths.include_dir() / "model_lines" / "demand_forecast.yaml").read_text())
+
+
+def window(day: int, month: int = 10) -> datetime:
+    """Logical date of a manual run: the end of the weekly data interval (Mondays 03:00 UTC)."""
+    return datetime(2026, month, day, 3, tzinfo=timezone.utc)
+
+
+W1, W2, W3, W4, W5 = window(5), window(12), window(19), window(26), window(2, 11)
+
+
+def deep_update(target: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            deep_update(target[key], value)
+        else:
+            target[key] = value
+    return target
+
+
+class Line:
+    """The test model line: its YAML, and what its registry, repository and service look like."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.write()
+
+    def write(self, **changes) -> None:  # noqa: ANN003
+        data = deep_update(copy.deepcopy(BASE), {
+            "model_line": LINE,
+            "retries": 1,
+            "retry_delay_seconds": 1,
+            "registry": {"model_name": LINE, "experiment": f"/e2e/{LINE}"},
+            "train": {"parameters": {"max_iter": 60, "learning_rate": 0.1}},
+            "review": {"auto_approve": True, "reviewers": []},
+            "deploy": {"port": self.port, "verify_timeout_seconds": 120},
+        })
+        deep_update(data, changes)
+        (MODEL_LINES / f"{LINE}.yaml").write_text(yaml.safe_dump(data))
+
+    def run(self, logical_date: datetime) -> devstack.LifecycleResult:
+        return devstack.run_lifecycle(DAG_ID, logical_date)
+
+    @property
+    def registry(self):  # noqa: ANN201
+        from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
+
+        return MlflowRegistryHook()
+
+    @property
+    def repo(self):  # noqa: ANN201
+        from mlops_lifecycle.adapters.local_git import LocalGitRepository
+
+        return LocalGitRepository(paths.local_home() / "deploy-repo")
+
+    def registry_state(self) -> dict:
+        """Aliases and every version's tags: what 'the registry as it was' means."""
+        client = self.registry.client
+        versions = client.search_model_versions(f"name='{LINE}'")
+        return {
+            "aliases": self.registry.aliases(LINE) if versions else {},
+            "versions": {v.version: dict(client.get_model_version(LINE, v.version).tags) for v in versions},
+        }
+
+    def runs_with_key(self, logical_date: datetime) -> list:
+        from mlops_lifecycle.config import load_model_line
+        from mlops_lifecycle.window import resolve_window
+
+        config = load_model_line(MODEL_LINES / f"{LINE}.yaml")
+        w = resolve_window(config, None, None, logical_date)
+        exp = self.registry.client.get_experiment_by_name(config.registry.experiment)
+        return self.registry.client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`lifecycle.run_key` = '{w.run_key}'"
+        )
+
+    def served_version(self) -> str | None:
+        answer = devstack.service_version(f"http://127.0.0.1:{self.port}")
+        return None if answer is None else str(answer["model_version"])
+
+    def changelog(self) -> str:
+        return self.repo.read("main", f"changelog/{LINE}.md") or ""
+
+    def commits(self) -> list[str]:
+        return self.repo.log_subjects(limit=200)
+
+
+@pytest.fixture(scope="module")
+def line(stack) -> Line:  # noqa: ANN001
+    return Line(devstack.free_port())
+
+
+def assert_untouched(before: dict, after: dict, new_version: str, withdrawn_because: str | None = None) -> None:
+    """Aliases unchanged, existing versions' tags unchanged, the new version unaliased.
+
+    A candidate that never reached staging has no audit tags; one that reached staging before the
+    review or the deployment failed keeps its audit record, which says it was withdrawn and why.
+    """
+    assert after["aliases"] == before["aliases"]
+    for version, tags in before["versions"].items():
+        assert after["versions"][version] == tags, f"tags of v{version} changed"
+    assert new_version not in after["aliases"].values()
+    audit = {k: v for k, v in after["versions"][new_version].items() if k.startswith("audit.")}
+    if withdrawn_because is None:
+        assert audit == {}
+    else:
+        assert withdrawn_because in audit["audit.staging_withdrawn_because"]
+        assert "audit.promoted_at" not in audit
+
+
+def candidate_version(line: Line, logical_date: datetime) -> str:
+    [run] = line.runs_with_key(logical_date)
+    return run.data.tags["lifecycle.registered_version"]
+
+
+def test_first_lifecycle_promotes_and_records_everything(line):
+    result = line.run(W1)
+    assert result.state == "success", result.task_states
+    assert result.task_states["restore_staging"] == "skipped"
+
+    assert line.registry.aliases(LINE) == {"staging": "1", "production": "1"}
+    [run] = line.runs_with_key(W1)
+    assert run.data.tags["airflow.dag_id"] == DAG_ID and run.data.tags["airflow.run_id"] == result.run_id
+    assert run.data.tags["gate.verdict"] == "passed"
+    assert {"mape", "r2", "rmse"} <= set(run.data.metrics)
+    tags = line.registry.version_tags(LINE, "1")
+    assert tags["audit.run_id"] == run.info.run_id
+    assert tags["audit.data_window"] == "2024-10-05..2026-10-05"
+    assert tags["audit.snapshot"].endswith(".parquet")
+    assert tags["audit.code_revision"]
+    assert tags["audit.gate_verdict"] == "passed"
+    assert json.loads(tags["audit.metrics"])["mape"] == pytest.approx(run.data.metrics["mape"])
+    assert tags["audit.approved_by"] == "auto_approve (model-line config)"
+    assert tags["audit.review_id"] == f"review/{LINE}/v1"
+    assert tags["audit.previous_production_version"] == "none"
+    assert tags["audit.promoted_by"] == f"airflow:{DAG_ID}/{result.run_id}"
+    assert "production" in json.loads(tags["audit.deployments"])
+    merge_commit = tags["audit.merge_commit"]
+
+    subjects = line.commits()
+    assert subjects[0].endswith(f"{LINE}: v1 promoted to production")
+    assert subjects[1].startswith(merge_commit[:7]) and f"Merge review/{LINE}/v1" in subjects[1]
+    changelog = line.changelog()
+    assert f"## {LINE} v1: proposed for production" in changelog
+    assert f"## {LINE} v1: promoted to production" in changelog
+    assert '"1"' in line.repo.read("main", f"models/{LINE}.yaml")
+    assert line.served_version() == "1"
+
+
+def test_rerunning_a_window_does_nothing_twice(line):
+    state, commits = line.registry_state(), line.commits()
+    result = line.run(W1)
+    assert result.state == "success", result.task_states
+    assert len(line.runs_with_key(W1)) == 1, "trained twice"
+    assert line.registry_state() == state
+    assert line.commits() == commits
+    assert line.served_version() == "1"
+
+
+def test_gate_rejection_is_final_and_leaves_the_registry_untouched(line):
+    line.write(gate={"metrics": {"r2": {"direction": "maximize", "threshold": 0.99999}}})
+    before, commits = line.registry_state(), line.commits()
+    result = line.run(W2)
+    line.write()
+    assert result.state == "failed"
+    assert result.task_states["gate"] == "failed"
+    assert result.task_states["stage"] == "upstream_failed"
+    version = candidate_version(line, W2)
+    assert_untouched(before, line.registry_state(), version)
+    [run] = line.runs_with_key(W2)
+    assert run.data.tags["gate.verdict"] == "rejected"
+    assert "r2" in run.data.tags["gate.summary"] and "violates >= 0.99999" in run.data.tags["gate.summary"]
+    assert line.commits() == commits and not line.repo.branch_exists(f"review/{LINE}/v{version}")
+    assert line.served_version() == "1"
+
+
+def test_gate_rejection_is_not_retried(line):
+    """The gate had one retry configured, yet ran once: a rejection is a decision, not a flake."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        ti = session.query(TaskInstance).filter_by(dag_id=DAG_ID, task_id="gate").order_by(
+            TaskInstance.start_date.desc()).first()
+        assert ti.state == "failed" and ti.try_number == 1 and ti.max_tries == 1
+
+
+def test_review_rejection_changes_nothing_else(line):
+    line.write(review={"auto_approve": False})
+    before, commits = line.registry_state(), line.commits()
+    reviewer = Reviewer(DAG_ID, "Reject")
+    reviewer.start()
+    try:
+        result = line.run(W3)
+    finally:
+        reviewer.stop()
+        line.write()
+    assert reviewer.error is None, reviewer.error
+    version = candidate_version(line, W3)
+    assert reviewer.answered["subject"] == f"Approve {LINE} v{version} for production?"
+    assert f"## {LINE} v{version}: proposed for production" in reviewer.answered["body"]
+    assert "| mape | threshold |" in reviewer.answered["body"]
+    assert result.state == "failed"
+    assert result.task_states["approve_review"] == "failed"
+    assert result.task_states["merge_review"] == "upstream_failed"
+    assert result.task_states["restore_staging"] == "success"
+    assert_untouched(before, line.registry_state(), version, withdrawn_because="approve_review failed")
+    assert line.commits() == commits, "main changed although the review was rejected"
+    assert not line.repo.is_merged(f"review/{LINE}/v{version}")
+    assert line.served_version() == "1"
+    assert reviewer.answered["responded_by"]["name"] == REVIEWER
+
+
+class StaleService(http.server.ThreadingHTTPServer):
+    """Something else answering on the service's port with an old version."""
+
+    def __init__(self, port: int, version: str) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body = json.dumps({"model_version": version}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # noqa: ANN002
+                pass
+
+        super().__init__(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_wrong_version_served_fails_verification_and_leaves_the_registry_untouched(line):
+    from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
+
+    LocalServiceDeployer(paths.local_home() / "services", paths.include_dir() / "service").stop(LINE)
+    stale = StaleService(line.port, "1")
+    line.write(deploy={"verify_timeout_seconds": 8, "poll_interval_seconds": 0.5})
+    before = line.registry_state()
+    try:
+        result = line.run(W4)
+    finally:
+        stale.shutdown()
+        stale.server_close()
+        line.write()
+    version = candidate_version(line, W4)
+    assert result.state == "failed"
+    assert result.task_states["verify_serving"] == "failed"
+    assert result.task_states["promote"] == "upstream_failed"
+    assert result.task_states["restore_staging"] == "success"
+    assert_untouched(before, line.registry_state(), version, withdrawn_because="verify_serving failed")
+    assert f"## {LINE} v{version}: promoted to production" not in line.changelog()
+
+
+def test_next_window_is_gated_against_production_and_promoted(line):
+    result = line.run(W5)
+    assert result.state == "success", result.task_states
+    version = candidate_version(line, W5)
+    [run] = line.runs_with_key(W5)
+    assert run.data.tags["lifecycle.production_version"] == "1"
+    assert "production.mape" in run.data.metrics
+    assert line.registry.aliases(LINE) == {"staging": version, "production": version, "previous_production": "1"}
+    assert line.registry.version_tags(LINE, "1")["audit.replaced_by_version"] == version
+    assert line.registry.version_tags(LINE, version)["audit.previous_production_version"] == "1"
+    assert f"## {LINE} v{version}: promoted to production" in line.changelog()
+    assert line.served_version() == version
