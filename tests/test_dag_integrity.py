@@ -1,0 +1,103 @@
+"""DAG integrity: the DAG folder parses in a fresh process, fast, without heavy imports or network."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlops_lifecycle import paths
+
+HEAVY = [
+    "mlflow", "pandas", "numpy", "sklearn", "gitlab", "google.cloud.bigquery", "databricks", "duckdb",
+    "sqlglot", "pyarrow",
+    # Airflow itself reads every provider's package info at start-up; the operator modules are the cost
+    "airflow.providers.google.cloud", "airflow.providers.databricks.operators", "airflow.providers.databricks.hooks",
+]
+
+PARSE = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+heavy = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in json.loads(sys.argv[2])))
+dags = {}
+for dag_id, dag in bag.dags.items():
+    dags[dag_id] = {
+        "tags": sorted(dag.tags),
+        "timetable": type(dag.timetable).__name__,
+        "tasks": [t.task_id for t in dag.topological_sort()],
+        "downstream": {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks},
+        "retries": {t.task_id: t.retries for t in dag.tasks},
+        "owner": dag.owner,
+        "catchup": dag.catchup,
+        "max_active_runs": dag.max_active_runs,
+    }
+print(json.dumps({"dags": dags, "errors": bag.import_errors, "heavy": heavy}))
+"""
+
+
+def parse_dag_folder(model_lines: Path) -> dict:
+    env = {**os.environ, "MLOPS_MODEL_LINES_DIR": str(model_lines)}
+    out = subprocess.run(
+        [sys.executable, "-c", PARSE, str(paths.REPO_ROOT / "dags"), json.dumps(HEAVY)],
+        env=env, capture_output=True, text=True, check=True, timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict:
+    return parse_dag_folder(paths.include_dir() / "model_lines")
+
+
+def test_no_import_errors_and_one_lifecycle_dag_per_model_line(shipped):
+    assert shipped["errors"] == {}
+    lines = sorted(p.stem for p in (paths.include_dir() / "model_lines").glob("*.yaml"))
+    assert sorted(shipped["dags"]) == [f"{line}__lifecycle" for line in lines]
+
+
+def test_no_heavy_module_is_imported_at_parse_time(shipped):
+    assert shipped["heavy"] == []
+
+
+def test_lifecycle_shape_tags_owner_and_retries(shipped):
+    dag = shipped["dags"]["demand_forecast__lifecycle"]
+    chain = ["extract", "train", "gate", "stage", "open_review", "approve_review", "merge_review", "deploy",
+             "verify_serving", "promote"]
+    assert set(dag["tasks"]) == {*chain, "restore_staging"}
+    for upstream, downstream in zip(chain, chain[1:]):
+        assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
+    assert dag["downstream"]["promote"] == []  # a leaf: a failed promotion fails the run
+    for task in ("approve_review", "merge_review", "deploy", "verify_serving"):
+        assert "restore_staging" in dag["downstream"][task]
+    assert {"mlops", "lifecycle", "line:demand_forecast", "team:forecasting", "forecasting"} <= set(dag["tags"])
+    assert dag["owner"] == "forecasting"
+    assert dag["retries"]["train"] == 2 and dag["retries"]["restore_staging"] == 0
+    assert dag["max_active_runs"] == 1 and dag["catchup"] is False
+    other = shipped["dags"]["high_demand_alert__lifecycle"]
+    assert other["owner"] == "store-ops-ml" and other["retries"]["train"] == 1
+
+
+def test_timetables_give_real_data_intervals(shipped):
+    assert {d["timetable"] for d in shipped["dags"].values()} == {"CronDataIntervalTimetable"}
+
+
+def test_bad_config_is_an_import_error_in_the_ui_and_the_other_lines_still_load(tmp_path):
+    for name in ("demand_forecast", "high_demand_alert"):
+        shutil.copy(paths.include_dir() / "model_lines" / f"{name}.yaml", tmp_path)
+    bad = yaml.safe_load((tmp_path / "high_demand_alert.yaml").read_text())
+    bad["gate"]["metrics"]["roc_auc"]["threshold"] = "high"
+    (tmp_path / "high_demand_alert.yaml").write_text(yaml.safe_dump(bad))
+
+    parsed = parse_dag_folder(tmp_path)
+    assert list(parsed["dags"]) == ["demand_forecast__lifecycle"]
+    [(error_file, message)] = parsed["errors"].items()
+    assert error_file.endswith("model_line_config_errors.py")
+    assert "high_demand_alert.yaml" in message
+    assert "gate.metrics.roc_auc.threshold: Input should be a valid number" in message
