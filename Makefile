@@ -11,7 +11,7 @@ $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required, found " + sys.version.split()[0] + ": make PYTHON=/path/to/python3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip install --python $(PY) --quiet -r requirements.txt
+	$(VENV)/bin/uv pip install --python $(PY) --quiet --compile-bytecode -r requirements.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)

@@ -173,8 +173,13 @@ def test_first_lifecycle_promotes_and_records_everything(line):
 
 
 def test_rerunning_a_window_does_nothing_twice(line):
+    """Not even ask for approval again: with auto_approve off, a second ask would wait forever."""
     state, commits = line.registry_state(), line.commits()
-    result = line.run(W1)
+    line.write(review={"auto_approve": False})
+    try:
+        result = line.run(W1)
+    finally:
+        line.write()
     assert result.state == "success", result.task_states
     assert len(line.runs_with_key(W1)) == 1, "trained twice"
     assert line.registry_state() == state

@@ -43,6 +43,13 @@ class RegistryConflict(LifecycleDecision):
     """An alias moved under us (compare-and-set failed): re-run to re-gate against the new state."""
 
 
+class TrainingInputError(LifecycleDecision):
+    """The entrypoint rejected its input (exit code 2: bad parameter, missing column, empty split).
+
+    Retrying the same window with the same config cannot help, so it is not retried.
+    """
+
+
 class DeploymentFailed(LifecycleError):
     """The deployment did not come up serving the approved version in time."""
 

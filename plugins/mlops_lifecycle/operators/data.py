@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from mlops_lifecycle import paths
-from mlops_lifecycle.exceptions import TrainingFailed
+from mlops_lifecycle.exceptions import TrainingFailed, TrainingInputError
 from mlops_lifecycle.links import MlflowModelVersionLink, MlflowRunLink
 from mlops_lifecycle.operators.base import LifecycleOperator, code_revision
 
@@ -124,7 +124,10 @@ class TrainOperator(LifecycleOperator):
         try:
             self._process.run(timeout_seconds=cfg.train.timeout_minutes * 60)
         except ProcessFailed as exc:
-            raise TrainingFailed(f"Training entrypoint {cfg.train.entrypoint} for {window.run_key} failed: {exc}") from None
+            message = f"Training entrypoint {cfg.train.entrypoint} for {window.run_key} failed: {exc}"
+            if exc.returncode == 2:  # the entrypoint's code for "bad input": not retried
+                raise TrainingInputError(message) from None
+            raise TrainingFailed(message) from None
 
     def on_kill(self) -> None:
         if self._process is not None:

@@ -125,6 +125,11 @@ class ReviewApprovalOperator(LifecycleOperator, ApprovalOperator):
         self.subject = f"Approve {c['model_name']} v{c['model_version']} for production?"
         self.body = changelog_entry(text, heading) if heading in text.splitlines() else text
         self.log.info("Review %s asks:\n%s", self.review["review_id"], self.body)
+        earlier = self._earlier_approval(c)
+        if earlier is not None:
+            self.log.info("Review %s was approved and merged before (%s): not asking again",
+                          self.review["review_id"], earlier)
+            return earlier
         if self.config.review.auto_approve:
             self.log.info("review.auto_approve is set: approving without a human")
             return self._decision([AUTO_APPROVER], datetime.now(timezone.utc))
@@ -141,6 +146,23 @@ class ReviewApprovalOperator(LifecycleOperator, ApprovalOperator):
             )
         self.log.info("Approved by %s", who)
         return self._decision([who], payload["responded_at"])
+
+    def _earlier_approval(self, c: dict[str, Any]) -> dict[str, Any] | None:
+        """A re-run of an already merged review reuses its recorded approval instead of asking twice."""
+        if not self.deployment_repo.is_merged(self.review["review_id"]):
+            return None
+        tags = self.registry.version_tags(c["model_name"], c["model_version"])
+        if "audit.approved_by" in tags:
+            return {
+                "decision": "approved",
+                "approved_by": tags["audit.approved_by"].split(","),
+                "approved_at": tags.get("audit.approved_at", "unknown"),
+            }
+        merge = self.deployment_repo.merge_commit_of(self.review["review_id"])
+        subject = self.deployment_repo.git("log", "-1", "--format=%s%x00%cI", merge)
+        text, at = subject.split("\0")
+        approvers = text.partition("(approved by ")[2].rstrip(")")
+        return {"decision": "approved", "approved_by": approvers.split(", ") if approvers else [], "approved_at": at}
 
     @staticmethod
     def _decision(approvers: list[str], at: datetime) -> dict[str, Any]:

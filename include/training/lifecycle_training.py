@@ -1,0 +1,628 @@
+"""Shared plumbing of the training entrypoints: CLI, MLflow run, reference profile, production
+baseline and registration.
+
+An entrypoint states only what is specific to its model line (features, estimator, metrics) as a
+:class:`ModelLine` and calls :func:`main`. Everything the lifecycle reads downstream (run tags,
+metric names, the reference profile, the registered version and its tags, the final JSON line) is
+produced here, the same way for every line.
+
+It runs as a plain process, locally now and on Databricks later, so it imports nothing from Airflow.
+The MLflow tracking URI and token come from ``MLFLOW_TRACKING_URI`` / ``MLFLOW_TRACKING_TOKEN``.
+mlflow is imported inside functions: it costs seconds and the profile/metric helpers do not need it.
+
+stdout carries exactly one line, the result JSON; progress goes to stderr. Exit codes: 0 success,
+1 unexpected error (may be transient), 2 the inputs cannot train this model (bad arguments, missing
+columns, empty split): retrying will not help. SIGTERM ends the MLflow run as KILLED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TextIO
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger("lifecycle_training")
+
+EXIT_INPUT_ERROR = 2
+DATE_COLUMN = "date"
+PREDICTION_COLUMN = "prediction"
+MODEL_ARTIFACT = "model"
+PROFILE_ARTIFACT = "reference_profile.json"
+PROFILE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+PROFILE_BINS = 10
+REGISTRATION_TIMEOUT_SECONDS = 300
+
+
+class InputError(Exception):
+    """The arguments or the snapshot cannot train this model; the process exits with code 2."""
+
+
+@dataclass(frozen=True)
+class ModelLine:
+    """What differs between model lines; :func:`main` does everything else.
+
+    ``build`` turns the effective hyperparameters into an unfitted sklearn pipeline whose final
+    step is an ``estimator``; ``metrics`` maps (holdout truth, holdout scores) to named values.
+    Scores are predicted values for regression and the probability of class 1 for classification.
+    """
+
+    task: Literal["regression", "classification"]
+    categorical: tuple[str, ...]
+    numeric: tuple[str, ...]
+    estimator: type
+    default_params: Mapping[str, Any]
+    build: Callable[[dict[str, Any]], Any]
+    metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+
+    @property
+    def features(self) -> list[str]:
+        return [*self.categorical, *self.numeric]
+
+    @property
+    def pyfunc_predict_fn(self) -> str:
+        """pyfunc ``predict`` of a classifier returns ``predict_proba``: an (n, 2) array."""
+        return "predict_proba" if self.task == "classification" else "predict"
+
+    def model_output(self, model: Any, features: pd.DataFrame) -> np.ndarray:
+        """What the logged model's pyfunc ``predict`` returns for ``features``."""
+        return getattr(model, self.pyfunc_predict_fn)(features)
+
+    def scores(self, output: Any) -> np.ndarray:
+        """Metric scores from a model output: values, or the last column (class 1) of probabilities.
+
+        Also accepts a production model's pyfunc output, whatever container it comes in.
+        """
+        values = np.asarray(output.to_numpy() if hasattr(output, "to_numpy") else output, dtype=float)
+        if self.task == "classification" and values.ndim == 2:
+            return values[:, -1]
+        return values.reshape(len(values))
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _iso_date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {value!r}") from None
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def parse_args(line: ModelLine, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the entrypoint CLI; every flag but ``--result-file`` is required.
+
+    Malformed arguments and unknown hyperparameters exit with code 2 here, before MLflow is touched.
+    """
+    parser = argparse.ArgumentParser(
+        description="Train one model line on a data-window snapshot, log it to MLflow and register it."
+    )
+    add = parser.add_argument
+    add("--snapshot", required=True, help="Parquet file: a date column, the features and the target.")
+    add("--run-key", required=True, help="Deterministic key of this lifecycle step (idempotency).")
+    add("--model-line", required=True)
+    add("--experiment", required=True, help="MLflow experiment name; created if missing.")
+    add("--registered-model", required=True)
+    add("--production-alias", required=True, help="Alias of the model to compare against.")
+    add("--holdout-start", required=True, type=_iso_date, help="Rows on/after this date are the holdout.")
+    add("--window-start", required=True, type=_iso_date)
+    add("--window-end", required=True, type=_iso_date, help="Exclusive end of the data window.")
+    add("--target", required=True, help="Target column of the snapshot.")
+    add("--params", required=True, type=_json_object, help="JSON object of hyperparameter overrides.")
+    add("--tags", required=True, type=_json_object, help="JSON object of extra MLflow run tags.")
+    add("--result-file", type=Path, help="Also write the result JSON here.")
+    args = parser.parse_args(argv)
+    if args.window_start >= args.window_end:
+        parser.error(f"--window-start {args.window_start} must be before --window-end {args.window_end}")
+    if any(char in args.run_key for char in "'\"\\"):
+        parser.error(f"--run-key must not contain quotes or backslashes: {args.run_key!r}")
+    valid = line.estimator().get_params()
+    unknown = sorted(set(args.params) - set(valid))
+    if unknown:
+        name = line.estimator.__name__
+        parser.error(f"--params: unknown hyperparameters {unknown} for {name}; valid: {sorted(valid)}")
+    return args
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Log how long a phase took, so slow steps stand out in the Airflow task log."""
+    started = time.monotonic()
+    yield
+    log.info("%s: %.1f s", name, time.monotonic() - started)
+
+
+def _safe_uri(uri: str) -> str:
+    """The tracking URI without credentials, fit for a log line."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    return uri
+
+
+def _thread_limit() -> contextlib.AbstractContextManager[Any]:
+    """One OpenMP/BLAS thread unless ``OMP_NUM_THREADS`` says otherwise.
+
+    On a shared worker OpenMP threads spin-wait for busy cores: fitting the demand model took
+    53 s with 2 threads on a loaded 2-core machine and 1.8 s with one. The data sets are small, so
+    parallelism buys little; set ``OMP_NUM_THREADS`` on a dedicated machine to use more cores.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def read_snapshot(line: ModelLine, args: argparse.Namespace) -> pd.DataFrame:
+    """Read the snapshot, check it has what the model needs and normalise column types.
+
+    Integers become int64 and reals float64, because the model signature is inferred from them and
+    MLflow's schema enforcement accepts int64 for a long column but refuses int64 for a double one
+    (and floats for a long one). Text becomes str. Rows outside the window and rows without a
+    target are dropped (logged).
+    """
+    try:
+        frame = pd.read_parquet(args.snapshot)
+    except FileNotFoundError:
+        raise InputError(f"snapshot {args.snapshot} does not exist") from None
+    log.info("read %d rows, %d columns from %s", len(frame), frame.shape[1], args.snapshot)
+    missing = [c for c in (DATE_COLUMN, *line.features, args.target) if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"snapshot {args.snapshot} lacks columns {missing} needed by model line {args.model_line}; "
+            f"it has {list(frame.columns)}"
+        )
+    frame = frame[[DATE_COLUMN, *line.features, args.target]].copy()
+    frame[DATE_COLUMN] = pd.to_datetime(frame[DATE_COLUMN])
+    inside = (frame[DATE_COLUMN] >= pd.Timestamp(args.window_start)) & (
+        frame[DATE_COLUMN] < pd.Timestamp(args.window_end)
+    )
+    if not inside.all():
+        log.warning(
+            "dropping %d rows outside the window [%s, %s)",
+            (~inside).sum(),
+            args.window_start,
+            args.window_end,
+        )
+    unlabelled = frame[args.target].isna()
+    if unlabelled.any():
+        log.info("dropping %d rows without a target", unlabelled.sum())
+    frame = frame[inside & ~unlabelled].reset_index(drop=True)
+    for column in [*line.features, args.target]:
+        values = frame[column]
+        if pd.api.types.is_bool_dtype(values) or pd.api.types.is_integer_dtype(values):
+            frame[column] = values.astype("float64" if values.isna().any() else "int64")
+        elif pd.api.types.is_numeric_dtype(values):
+            frame[column] = values.astype("float64")
+        elif column in line.categorical:
+            frame[column] = values.astype("str")
+        else:
+            raise InputError(f"column {column} must be numeric, got dtype {values.dtype}")
+    nulls = {c: int(n) for c, n in frame[line.features].isna().sum().items() if n}
+    if nulls:
+        log.info("null feature values (left to the model): %s", nulls)
+    return frame
+
+
+def split(frame: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Time-based split: train before ``--holdout-start``, holdout from it on."""
+    in_holdout = frame[DATE_COLUMN] >= pd.Timestamp(args.holdout_start)
+    train, holdout = frame[~in_holdout], frame[in_holdout]
+    dates = (
+        f"snapshot dates {frame[DATE_COLUMN].min():%Y-%m-%d}..{frame[DATE_COLUMN].max():%Y-%m-%d}"
+        if len(frame)
+        else "the snapshot has no usable rows"
+    )
+    hint = f"window [{args.window_start}, {args.window_end}), holdout start {args.holdout_start}"
+    if train.empty:
+        raise InputError(f"training split is empty: no row before the holdout start ({dates}; {hint})")
+    if holdout.empty:
+        raise InputError(f"holdout is empty: no row on or after the holdout start ({dates}; {hint})")
+    return train, holdout
+
+
+# --- metrics and profile ------------------------------------------------------------------------
+
+
+def mean_absolute_percentage_error(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """MAPE as a fraction, with the denominator floored at 1 so days with zero sales stay finite."""
+    y_true, y_pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
+    return float(np.mean(np.abs(y_true - y_pred) / np.maximum(np.abs(y_true), 1.0)))
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def column_profile(values: pd.Series, categorical: bool) -> dict[str, Any]:
+    """Summary of one column for drift monitoring: counts, and either moments, quantiles and a
+    10-bin histogram (numeric) or relative category frequencies (categorical)."""
+    present = values.dropna()
+    profile: dict[str, Any] = {
+        "kind": "categorical" if categorical else "numeric",
+        "dtype": str(values.dtype),
+        "count": int(len(present)),
+        "null_count": int(len(values) - len(present)),
+    }
+    if categorical:
+        counts = present.astype(str).value_counts().sort_index()
+        profile["frequencies"] = {str(k): float(v) / max(len(present), 1) for k, v in counts.items()}
+        return profile
+    numbers = present.to_numpy(dtype=float)
+    if len(numbers) == 0:
+        return profile | {
+            "mean": None,
+            "std": None,
+            "min": None,
+            "max": None,
+            "quantiles": {},
+            "histogram": None,
+        }
+    counts, edges = np.histogram(numbers, bins=PROFILE_BINS)
+    return profile | {
+        "mean": float(numbers.mean()),
+        "std": float(numbers.std(ddof=1)) if len(numbers) > 1 else 0.0,
+        "min": float(numbers.min()),
+        "max": float(numbers.max()),
+        "quantiles": {str(q): float(np.quantile(numbers, q)) for q in PROFILE_QUANTILES},
+        "histogram": {"bin_edges": edges.tolist(), "counts": counts.tolist()},
+    }
+
+
+def reference_profile(
+    line: ModelLine, features: pd.DataFrame, target: pd.Series, scores: np.ndarray
+) -> dict[str, Any]:
+    """Profile of the training split (features, target, prediction): the drift reference."""
+    columns = {name: column_profile(features[name], name in line.categorical) for name in line.features}
+    columns[str(target.name)] = column_profile(target, categorical=False)
+    columns[PREDICTION_COLUMN] = column_profile(pd.Series(scores, name=PREDICTION_COLUMN), categorical=False)
+    return {
+        "schema_version": 1,
+        "split": "train",
+        "rows": int(len(features)),
+        "features": line.features,
+        "categorical": list(line.categorical),
+        "target": str(target.name),
+        "prediction": PREDICTION_COLUMN,
+        "quantiles": list(PROFILE_QUANTILES),
+        "columns": columns,
+    }
+
+
+# --- MLflow -----------------------------------------------------------------------------------
+
+
+def skops_trusted_types(model: Any) -> list[str]:
+    """Types skops does not trust by default but this model needs (HistGradientBoosting's
+    ``TreePredictor``, SimpleImputer's ``numpy.dtype``). Only scikit-learn and numpy types are
+    accepted, so anything else fails here, at training time, not when the service loads the model.
+    """
+    import skops.io
+
+    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    foreign = [name for name in untrusted if not name.startswith(("sklearn.", "numpy."))]
+    if foreign:
+        raise ValueError(f"the model holds types skops cannot load safely: {foreign}")
+    return untrusted
+
+
+def log_model(line: ModelLine, model: Any, holdout: pd.DataFrame) -> Any:
+    """Log the fitted pipeline as the run's ``model`` (skops format, signature, input example).
+
+    skops is chosen explicitly (on Databricks MLflow would default to cloudpickle) so the artifact is
+    the same wherever it was trained. Pip requirements are given rather than inferred: inference
+    reloads the model in a subprocess and costs ~8 s.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    return mlflow.sklearn.log_model(
+        model,
+        name=MODEL_ARTIFACT,
+        serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
+        skops_trusted_types=skops_trusted_types(model) or None,
+        pyfunc_predict_fn=line.pyfunc_predict_fn,
+        signature=infer_signature(holdout, line.model_output(model, holdout)),
+        input_example=holdout.head(5),
+        pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
+    )
+
+
+def production_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version behind ``name@alias``, or None when the model or the alias does not exist.
+
+    Reads the alias map of the registered model instead of a by-alias lookup: a missing alias is
+    reported as INVALID_PARAMETER_VALUE there, indistinguishable from a malformed request.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = (registered.aliases or {}).get(alias)
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def compare_with_production(
+    line: ModelLine, client: MlflowClient, args: argparse.Namespace, features: pd.DataFrame, truth: pd.Series
+) -> tuple[str | None, dict[str, float]]:
+    """Score the production model on the same holdout; log its metrics as ``production.<name>``.
+
+    A production model that cannot score these features (its signature predates a feature change)
+    gets ``lifecycle.production_error`` and no metrics, so a relative gate fails closed on it.
+    Errors loading the model propagate: they may be transient and deserve a retry.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    current = production_version(client, args.registered_model, args.production_alias)
+    if current is None:
+        log.info("no %s@%s: nothing to compare with", args.registered_model, args.production_alias)
+        mlflow.set_tag("lifecycle.production_version", "none")
+        return None, {}
+    version = str(current.version)
+    mlflow.set_tags(
+        {"lifecycle.production_version": version, "lifecycle.production_run_id": current.run_id or ""}
+    )
+    model = mlflow.pyfunc.load_model(f"models:/{args.registered_model}/{version}")
+    try:
+        output = model.predict(features)
+    except (MlflowException, KeyError, ValueError, TypeError) as exc:
+        log.warning("production version %s cannot score this holdout: %s", version, exc)
+        mlflow.set_tag("lifecycle.production_error", str(exc)[:4000])
+        return version, {}
+    metrics = {
+        f"production.{name}": value
+        for name, value in line.metrics(truth.to_numpy(), line.scores(output)).items()
+    }
+    mlflow.log_metrics(metrics)
+    log.info("production version %s on the same holdout: %s", version, _format_metrics(metrics))
+    return version, metrics
+
+
+def register(client: MlflowClient, model_uri: str, args: argparse.Namespace) -> str:
+    """Register the logged model, wait until the version is READY and tag the run with it."""
+    import mlflow
+
+    created = mlflow.register_model(
+        model_uri,
+        args.registered_model,
+        tags={
+            "lifecycle.run_key": args.run_key,
+            "lifecycle.model_line": args.model_line,
+            "lifecycle.window_start": args.window_start.isoformat(),
+            "lifecycle.window_end": args.window_end.isoformat(),
+            "lifecycle.snapshot": str(args.snapshot),
+        },
+    )
+    version = str(created.version)
+    deadline = time.monotonic() + REGISTRATION_TIMEOUT_SECONDS
+    while (status := client.get_model_version(args.registered_model, version).status) != "READY":
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise RuntimeError(f"model version {args.registered_model}/{version} is {status}, not READY")
+        time.sleep(1)
+    mlflow.set_tag("lifecycle.registered_version", version)
+    return version
+
+
+def previous_result(client: MlflowClient, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The result of a finished run with the same run key whose version still exists, if any.
+
+    A retried Airflow task then reports what the first try made instead of registering a duplicate.
+    """
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(args.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`lifecycle.run_key` = '{args.run_key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        version = run.data.tags.get("lifecycle.registered_version")
+        if version is None:
+            continue
+        try:
+            client.get_model_version(args.registered_model, version)
+        except MlflowException:
+            continue
+        production = run.data.tags.get("lifecycle.production_version")
+        return {
+            "run_id": run.info.run_id,
+            "model_version": version,
+            "metrics": run.data.metrics,
+            "production_version": None if production in (None, "none") else production,
+        }
+    return None
+
+
+def _format_metrics(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{name}={value:.4g}" for name, value in metrics.items())
+
+
+def _log_split(line: ModelLine, name: str, part: pd.DataFrame, target: str) -> None:
+    first, last = part[DATE_COLUMN].min(), part[DATE_COLUMN].max()
+    rate = f", positive rate {part[target].mean():.3f}" if line.task == "classification" else ""
+    log.info("%s: %d rows, %s..%s%s", name, len(part), f"{first:%Y-%m-%d}", f"{last:%Y-%m-%d}", rate)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def train_and_register(line: ModelLine, args: argparse.Namespace, client: MlflowClient) -> dict[str, Any]:
+    """Steps 2-7 inside the active MLflow run; returns the result JSON as a dict."""
+    import mlflow
+
+    with phase("read snapshot"):
+        frame = read_snapshot(line, args)
+        train, holdout = split(frame, args)
+    _log_split(line, "train", train, args.target)
+    _log_split(line, "holdout", holdout, args.target)
+    x_train, y_train = train[line.features], train[args.target]
+    x_holdout, y_holdout = holdout[line.features], holdout[args.target]
+    if line.task == "classification" and y_train.nunique() < 2:
+        raise InputError(
+            f"the training split has a single class of {args.target}: {y_train.unique().tolist()}"
+        )
+
+    params = {**line.default_params, **args.params}
+    mlflow.log_params(
+        params
+        | {
+            "model_class": f"{line.estimator.__module__}.{line.estimator.__name__}",
+            "train_rows": len(train),
+            "holdout_rows": len(holdout),
+            "features": ",".join(line.features),
+            "target": args.target,
+        }
+    )
+
+    with phase("fit"):
+        model = line.build(params).fit(x_train, y_train)
+    with phase("evaluate"):
+        metrics = line.metrics(y_holdout.to_numpy(), line.scores(line.model_output(model, x_holdout)))
+        mlflow.log_metrics(metrics)
+    log.info("holdout metrics: %s", _format_metrics(metrics))
+
+    with phase("log model"):
+        model_info = log_model(line, model, x_holdout)
+    with phase("reference profile"):
+        train_scores = line.scores(line.model_output(model, x_train))
+        mlflow.log_dict(reference_profile(line, x_train, y_train, train_scores), PROFILE_ARTIFACT)
+    with phase("production baseline"):
+        production, production_metrics = compare_with_production(line, client, args, x_holdout, y_holdout)
+    with phase("register"):
+        # The logged model's own URI: `runs:/<id>/model` resolves to it too in MLflow 3, with a warning.
+        version = register(client, model_info.model_uri, args)
+    log.info("registered %s version %s", args.registered_model, version)
+    return {
+        "run_id": mlflow.active_run().info.run_id,
+        "model_version": version,
+        "metrics": metrics | production_metrics,
+        "production_version": production,
+    }
+
+
+def emit(result: dict[str, Any], result_file: Path | None, stdout: TextIO) -> None:
+    """Write the result as one JSON line to stdout (and to ``result_file``); NaN/inf become null."""
+    result = result | {"metrics": {k: _finite_or_none(v) for k, v in sorted(result["metrics"].items())}}
+    text = json.dumps(result, allow_nan=False)
+    if result_file is not None:
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        result_file.write_text(text + "\n")
+    print(text, file=stdout, flush=True)
+
+
+def main(line: ModelLine, argv: list[str] | None = None) -> int:
+    """Run the whole training step; return the process exit code."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = parse_args(line, argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    stdout = sys.stdout
+    # Libraries print to stdout (e.g. "Successfully registered model"): keep it for the result line.
+    with contextlib.redirect_stdout(sys.stderr):
+        code, result = _run(line, args)
+    if result is not None:
+        emit(result, args.result_file, stdout)
+    return code
+
+
+def _run(line: ModelLine, args: argparse.Namespace) -> tuple[int, dict[str, Any] | None]:
+    """Steps 1 and 8: find or start the MLflow run, train inside it, end it with the right status."""
+    started = time.monotonic()
+    with phase("import mlflow"):
+        import mlflow
+        from mlflow import MlflowClient
+    log.info(
+        "model line %s, run key %s, tracking %s",
+        args.model_line,
+        args.run_key,
+        _safe_uri(mlflow.get_tracking_uri()),
+    )
+    client = MlflowClient()
+    try:
+        previous = previous_result(client, args)
+        if previous is not None:
+            log.info("run %s already trained run key %s: reusing it", previous["run_id"], args.run_key)
+            return 0, previous | {"reused": True}
+        mlflow.set_experiment(args.experiment)
+    except Exception as exc:
+        log.exception("cannot use the MLflow tracking server")
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1, None
+
+    tags = {str(k): str(v) for k, v in args.tags.items()} | {
+        "lifecycle.run_key": args.run_key,
+        "lifecycle.model_line": args.model_line,
+        "lifecycle.window_start": args.window_start.isoformat(),
+        "lifecycle.window_end": args.window_end.isoformat(),
+        "lifecycle.holdout_start": args.holdout_start.isoformat(),
+        "lifecycle.snapshot": str(args.snapshot),
+    }
+    run = mlflow.start_run(run_name=f"{args.model_line}-{args.window_start}_{args.window_end}", tags=tags)
+    log.info("MLflow run %s in experiment %s", run.info.run_id, args.experiment)
+    status = "FAILED"
+    try:
+        with _thread_limit():
+            result = train_and_register(line, args, client)
+        status = "FINISHED"
+        return 0, result | {"reused": False}
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR, None
+    except Exception as exc:
+        log.exception("training failed")
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1, None
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+        log.info("run %s ended %s after %.1f s", run.info.run_id, status, time.monotonic() - started)

@@ -1,0 +1,69 @@
+"""`make up`: the Airflow UI (standalone: API server, scheduler, triggerer, DAG processor) on :8080 and the
+MLflow UI on :5000, over the same .local/ state as `make demo`. Ctrl-C stops both.
+
+`make down` (``--stop-services``) stops the model services that deployments left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugins"))
+
+from mlops_lifecycle import devstack, paths  # noqa: E402
+from mlops_lifecycle.adapters.local_service import LocalServiceDeployer  # noqa: E402
+
+
+def stop_services() -> None:
+    deployer = LocalServiceDeployer(paths.local_home() / "services", paths.include_dir() / "service")
+    for state in sorted((paths.local_home() / "services").glob("*.json")):
+        deployer.stop(state.stem)
+        print(f"stopped the {state.stem} service")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", "5000")))
+    parser.add_argument("--stop-services", action="store_true", help="stop the local model services and exit")
+    args = parser.parse_args()
+    if args.stop_services:
+        stop_services()
+        return 0
+
+    home = paths.local_home()
+    server = devstack.MlflowServer(home / "mlflow", args.mlflow_port)
+    env = {**os.environ, **devstack.stack_env(home, server.url)}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # standalone spawns `airflow`
+    os.environ.update(env)
+    devstack.migrate_airflow_db(env)
+    server.start()
+    print(f"MLflow UI   {server.url}")
+    airflow_home = Path(env["AIRFLOW_HOME"])
+    print("Airflow UI  http://127.0.0.1:8080  (user admin; password in "
+          f"{airflow_home / 'simple_auth_manager_passwords.json.generated'})")
+    print("Approve reviews under Browse > Required Actions. Ctrl-C stops both.", flush=True)
+    airflow = Path(sys.executable).with_name("airflow")
+    proc = subprocess.Popen([str(airflow), "standalone"], env=env, start_new_session=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both like Ctrl-C does
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
