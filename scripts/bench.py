@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -38,13 +38,13 @@ print(json.dumps({"import_airflow": t1 - t0, "parse": t2 - t1, "dags": len(bag.d
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     line = "  ".join("-" * w for w in widths)
     print(f"\n{title}\n{line}")
-    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
     print(line)
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     print(line)
 
 
@@ -64,19 +64,39 @@ def bench_parse(repeats: int) -> None:
     for n in (1, 10, 100):
         with tempfile.TemporaryDirectory() as tmp:
             write_lines(Path(tmp), n)
-            env = {**os.environ, "MLOPS_MODEL_LINES_DIR": tmp, "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                   "AIRFLOW_HOME": str(Path(tmp) / "airflow")}
+            env = {
+                **os.environ,
+                "MLOPS_MODEL_LINES_DIR": tmp,
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW_HOME": str(Path(tmp) / "airflow"),
+            }
             samples = []
             for _ in range(repeats):
-                out = subprocess.run([sys.executable, "-c", PARSE, str(REPO / "dags")], env=env,
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, "-c", PARSE, str(REPO / "dags")],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
         parse = statistics.median(s["parse"] for s in samples)
         base = statistics.median(s["import_airflow"] for s in samples)
-        rows.append([n, samples[0]["dags"], f"{base:.2f}", f"{parse:.3f}", f"{parse / n * 1000:.1f}",
-                     "yes" if parse < 1.0 else "NO"])
-    table(f"DAG folder parse time, fresh process, median of {repeats} (target: 100 lines < 1 s beyond import airflow)",
-          ["model lines", "DAGs", "import airflow s", "parse s", "ms per line", "< 1 s"], rows)
+        rows.append(
+            [
+                n,
+                samples[0]["dags"],
+                f"{base:.2f}",
+                f"{parse:.3f}",
+                f"{parse / n * 1000:.1f}",
+                "yes" if parse < 1.0 else "NO",
+            ]
+        )
+    table(
+        f"DAG folder parse time, fresh process, median of {repeats} (target: 100 lines < 1 s beyond import airflow)",
+        ["model lines", "DAGs", "import airflow s", "parse s", "ms per line", "< 1 s"],
+        rows,
+    )
 
 
 def bench_lifecycle() -> None:
@@ -92,7 +112,7 @@ def bench_lifecycle() -> None:
     server.start()
     try:
         started = time.monotonic()
-        result = devstack.run_lifecycle("demand_forecast__lifecycle", datetime(2026, 11, 23, 3, tzinfo=timezone.utc))
+        result = devstack.run_lifecycle("demand_forecast__lifecycle", datetime(2026, 11, 23, 3, tzinfo=UTC))
         wall = time.monotonic() - started
         from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
 
@@ -118,7 +138,10 @@ def bench_lifecycle() -> None:
         ["  of which the MLflow run (load, fit, log, score, register)", f"{mlflow_run:.1f}"],
         ["  of which process start + imports before the run", f"{train_task - mlflow_run:.1f}"],
         ["everything else (orchestration, other steps)", f"{other:.1f}"],
-        ["  of which verify_serving (service start-up: import mlflow, load, warm)", f"{tasks.get('verify_serving', 0):.1f}"],
+        [
+            "  of which verify_serving (service start-up: import mlflow, load, warm)",
+            f"{tasks.get('verify_serving', 0):.1f}",
+        ],
         ["  of which Airflow between tasks (wall minus sum of task durations)", f"{wall - sum(tasks.values()):.1f}"],
         ["orchestration overhead < training time", "yes" if other < train_task else "NO"],
     ]

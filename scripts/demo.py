@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def main() -> int:
     from mlops_lifecycle.window import last_complete_interval, resolve_window
 
     config = load_model_line(paths.model_lines_dir() / f"{args.model_line}.yaml")
-    start, end = last_complete_interval(config.schedule.cron, config.schedule.timezone, datetime.now(timezone.utc))
+    start, end = last_complete_interval(config.schedule.cron, config.schedule.timezone, datetime.now(UTC))
     window = resolve_window(config, start, end, None)
     print(f"==> {config.model_line}: data interval {start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} UTC")
     print(f"==> Airflow home {env['AIRFLOW_HOME']} (migrating the metadata DB)", flush=True)
@@ -65,7 +65,9 @@ def summarize(config, window, result, tracking_uri: str) -> int:  # noqa: ANN001
     else:
         version = run.data.tags.get("lifecycle.registered_version")
         metrics = {k: v for k, v in run.data.metrics.items() if not k.startswith("production.")}
-        baseline = {k.removeprefix("production."): v for k, v in run.data.metrics.items() if k.startswith("production.")}
+        baseline = {
+            k.removeprefix("production."): v for k, v in run.data.metrics.items() if k.startswith("production.")
+        }
         prod_then = run.data.tags.get("lifecycle.production_version", "none")
         verdict = evaluate_gate(config.gate.metrics, metrics, baseline, None if prod_then == "none" else prod_then)
         out.append(f"MLflow run       {run.info.run_id}  {reg.run_url(run.info.experiment_id, run.info.run_id)}")
@@ -82,10 +84,15 @@ def summarize(config, window, result, tracking_uri: str) -> int:  # noqa: ANN001
     out.append(f"Service          {url}/version -> {served}")
     out.append(f"MLflow           tracking URI {tracking_uri} (browse it with `make up`)")
     ok = bool(
-        version and aliases.get(config.registry.production_alias) == version
-        and served and str(served.get("model_version")) == version
+        version
+        and aliases.get(config.registry.production_alias) == version
+        and served
+        and str(served.get("model_version")) == version
     )
-    out.append(f"RESULT           {'production serves v' + str(version) if ok else 'production does NOT serve this window' + chr(39) + 's version'}")
+    out.append(
+        "RESULT           "
+        + (f"production serves v{version}" if ok else "production does NOT serve this window's version")
+    )
     out.append("=" * 72)
     print("\n".join(out))
     return 0 if ok else 1

@@ -43,14 +43,18 @@ def main() -> int:
     home = paths.local_home()
     server = devstack.MlflowServer(home / "mlflow", args.mlflow_port)
     env = {**os.environ, **devstack.stack_env(home, server.url)}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # standalone spawns `airflow`
+    env["PATH"] = os.pathsep.join(
+        [str(Path(sys.executable).parent), env.get("PATH", "")]
+    )  # standalone spawns `airflow`
     os.environ.update(env)
     devstack.migrate_airflow_db(env)
     server.start()
     print(f"MLflow UI   {server.url}")
     airflow_home = Path(env["AIRFLOW_HOME"])
-    print("Airflow UI  http://127.0.0.1:8080  (user admin; password in "
-          f"{airflow_home / 'simple_auth_manager_passwords.json.generated'})")
+    print(
+        "Airflow UI  http://127.0.0.1:8080  (user admin; password in "
+        f"{airflow_home / 'simple_auth_manager_passwords.json.generated'})"
+    )
     print("Approve reviews under Browse > Required Actions. Ctrl-C stops both.", flush=True)
     airflow = Path(sys.executable).with_name("airflow")
     proc = subprocess.Popen([str(airflow), "standalone"], env=env, start_new_session=True)

@@ -31,7 +31,8 @@ class Reviewer(threading.Thread):
             while time.monotonic() < deadline and not self._stop_event.is_set():
                 listing = client.get(
                     f"/api/v2/dags/{self.dag_id}/dagRuns/~/hitlDetails",
-                    params={"response_received": False}, headers=headers,
+                    params={"response_received": False},
+                    headers=headers,
                 )
                 listing.raise_for_status()
                 for detail in listing.json()["hitl_details"]:
@@ -39,7 +40,8 @@ class Reviewer(threading.Thread):
                     response = client.patch(
                         f"/api/v2/dags/{self.dag_id}/dagRuns/{ti['dag_run_id']}/taskInstances/"
                         f"{ti['task_id']}/{ti['map_index']}/hitlDetails",
-                        json={"chosen_options": [self.choice], "params_input": {}}, headers=headers,
+                        json={"chosen_options": [self.choice], "params_input": {}},
+                        headers=headers,
                     )
                     response.raise_for_status()
                     self.answered = {"subject": detail["subject"], "body": detail["body"], **response.json()}

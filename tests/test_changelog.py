@@ -9,14 +9,24 @@ from mlops_lifecycle.gate import evaluate_gate
 
 def proposal(**overrides) -> Proposal:  # noqa: ANN003
     verdict = evaluate_gate(
-        {"mape": MetricRule(direction="minimize", threshold=0.2, max_regression=0.1)}, {"mape": 0.12},
-        {"mape": 0.125}, "2",
+        {"mape": MetricRule(direction="minimize", threshold=0.2, max_regression=0.1)},
+        {"mape": 0.12},
+        {"mape": 0.125},
+        "2",
     )
     fields = dict(
-        model_line="demand_forecast", model_name="demand_forecast", model_version="3", run_id="abc123",
-        run_url="http://mlflow/#/experiments/1/runs/abc123", run_key="demand_forecast/20261116T0300-20261123T0300",
-        window_label="2024-11-23..2026-11-23", holdout_start="2026-10-26", snapshot="/data/snap.parquet",
-        code_revision="1234567890ab", verdict=verdict, airflow_dag_id="demand_forecast__lifecycle",
+        model_line="demand_forecast",
+        model_name="demand_forecast",
+        model_version="3",
+        run_id="abc123",
+        run_url="http://mlflow/#/experiments/1/runs/abc123",
+        run_key="demand_forecast/20261116T0300-20261123T0300",
+        window_label="2024-11-23..2026-11-23",
+        holdout_start="2026-10-26",
+        snapshot="/data/snap.parquet",
+        code_revision="1234567890ab",
+        verdict=verdict,
+        airflow_dag_id="demand_forecast__lifecycle",
         airflow_run_id="manual__2026-11-23",
     )
     fields.update(overrides)
@@ -51,10 +61,17 @@ def test_outside_text_cannot_break_the_table_or_issue_quick_actions():
 
 def test_promotion_names_approvers_deployments_and_rollback_target():
     text = render_promotion(
-        model_line="demand_forecast", model_version="3", previous_version="2", approvers=["alice"],
-        approved_at="2026-11-27T10:00:00+00:00", review_ref="review/demand_forecast/v3", merge_commit="deadbeef",
-        deployments={"production": "local-process:42@http://127.0.0.1:8601"}, served_by="http://127.0.0.1:8601",
-        promoted_by="airflow:demand_forecast__lifecycle/manual__1", promoted_at="2026-11-27T10:05:00+00:00",
+        model_line="demand_forecast",
+        model_version="3",
+        previous_version="2",
+        approvers=["alice"],
+        approved_at="2026-11-27T10:00:00+00:00",
+        review_ref="review/demand_forecast/v3",
+        merge_commit="deadbeef",
+        deployments={"production": "local-process:42@http://127.0.0.1:8601"},
+        served_by="http://127.0.0.1:8601",
+        promoted_by="airflow:demand_forecast__lifecycle/manual__1",
+        promoted_at="2026-11-27T10:05:00+00:00",
     )
     assert text.startswith("## demand_forecast v3: promoted to production\n")
     assert "Approved by alice at 2026-11-27T10:00:00+00:00" in text

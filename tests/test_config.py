@@ -39,31 +39,88 @@ def test_shipped_model_lines_are_valid_and_different():
 
 
 CASES = {
-    "unknown_key": (lambda d: d["train"].update(paramters={}), "train.paramters: unknown key (allowed keys here: backend, entrypoint,"),
+    "unknown_key": (
+        lambda d: d["train"].update(paramters={}),
+        "train.paramters: unknown key (allowed keys here: backend, entrypoint,",
+    ),
     "missing_section": (lambda d: d.pop("gate"), "gate: required field is missing"),
     "bad_name": (lambda d: d.update(model_line="Demand Forecast"), "model_line: String should match pattern"),
-    "bad_cron": (lambda d: d["schedule"].update(cron="every monday"), "schedule.cron: 'every monday' is not a five-field cron expression"),
+    "bad_cron": (
+        lambda d: d["schedule"].update(cron="every monday"),
+        "schedule.cron: 'every monday' is not a five-field cron expression",
+    ),
     "preset_cron": (lambda d: d["schedule"].update(cron="@daily"), "schedule.cron: '@daily' is not a five-field cron"),
-    "bad_date": (lambda d: d["schedule"].update(start_date="yesterday"), "schedule.start_date: Input should be a valid date"),
-    "lookback_too_short": (lambda d: d["window"].update(training_lookback_days=7), "window.training_lookback_days: Input should be greater than or equal to 28 (got 7)"),
-    "holdout_too_long": (lambda d: d["window"].update(holdout_days=300, training_lookback_days=400), "window: holdout_days (300) must be at most half of training_lookback_days (400)"),
-    "unknown_warehouse": (lambda d: d["extract"].update(warehouse="snowflake"), "extract.warehouse: Input should be 'duckdb' (got 'snowflake')"),
+    "bad_date": (
+        lambda d: d["schedule"].update(start_date="yesterday"),
+        "schedule.start_date: Input should be a valid date",
+    ),
+    "lookback_too_short": (
+        lambda d: d["window"].update(training_lookback_days=7),
+        "window.training_lookback_days: Input should be greater than or equal to 28 (got 7)",
+    ),
+    "holdout_too_long": (
+        lambda d: d["window"].update(holdout_days=300, training_lookback_days=400),
+        "window: holdout_days (300) must be at most half of training_lookback_days (400)",
+    ),
+    "unknown_warehouse": (
+        lambda d: d["extract"].update(warehouse="snowflake"),
+        "extract.warehouse: Input should be 'duckdb' (got 'snowflake')",
+    ),
     "missing_sql": (lambda d: d["extract"].update(sql="sql/nope.sql"), "extract.sql: file"),
-    "sql_table_undeclared": (lambda d: d["extract"].update(tables={"other": "other"}), "extract.tables: the SQL uses {{ tables.X }} for ['daily_demand']"),
+    "sql_table_undeclared": (
+        lambda d: d["extract"].update(tables={"other": "other"}),
+        "extract.tables: the SQL uses {{ tables.X }} for ['daily_demand']",
+    ),
     "missing_entrypoint": (lambda d: d["train"].update(entrypoint="training/nope.py"), "train.entrypoint: file"),
     "gate_empty": (lambda d: d["gate"].update(metrics={}), "gate.metrics: Dictionary should have at least 1 item"),
-    "gate_rule_without_limit": (lambda d: d["gate"]["metrics"].update(mape={"direction": "minimize"}), "gate.metrics.mape: a gate metric needs 'threshold', 'max_regression' or both"),
-    "gate_bad_direction": (lambda d: d["gate"]["metrics"]["mape"].update(direction="lower"), "gate.metrics.mape.direction: Input should be 'minimize' or 'maximize' (got 'lower')"),
-    "gate_threshold_not_number": (lambda d: d["gate"]["metrics"]["mape"].update(threshold="low"), "gate.metrics.mape.threshold: Input should be a valid number"),
-    "gate_regression_out_of_range": (lambda d: d["gate"]["metrics"]["mape"].update(max_regression=5), "gate.metrics.mape.max_regression: Input should be less than or equal to 1 (got 5)"),
-    "same_aliases": (lambda d: d["registry"].update(staging_alias="production"), "registry: staging, production and previous-production aliases must differ"),
-    "bad_alias": (lambda d: d["registry"].update(production_alias="prod alias"), "registry.production_alias: String should match pattern"),
-    "environments_order": (lambda d: d["deploy"].update(environments=["production", "dev"]), "deploy.environments: the last environment must be 'production'"),
-    "environments_duplicate": (lambda d: d["deploy"].update(environments=["dev", "dev", "production"]), "deploy.environments: environments must be unique"),
-    "port_range": (lambda d: d["deploy"].update(port=80), "deploy.port: Input should be greater than or equal to 1024 (got 80)"),
-    "bad_email": (lambda d: d["alerting"].update(emails=["not-an-email"]), "alerting.emails.0: String should match pattern"),
-    "review_backend": (lambda d: d["review"].update(backend="github"), "review.backend: Input should be 'local_git' (got 'github')"),
-    "retries_negative": (lambda d: d.update(retries=-1), "retries: Input should be greater than or equal to 0 (got -1)"),
+    "gate_rule_without_limit": (
+        lambda d: d["gate"]["metrics"].update(mape={"direction": "minimize"}),
+        "gate.metrics.mape: a gate metric needs 'threshold', 'max_regression' or both",
+    ),
+    "gate_bad_direction": (
+        lambda d: d["gate"]["metrics"]["mape"].update(direction="lower"),
+        "gate.metrics.mape.direction: Input should be 'minimize' or 'maximize' (got 'lower')",
+    ),
+    "gate_threshold_not_number": (
+        lambda d: d["gate"]["metrics"]["mape"].update(threshold="low"),
+        "gate.metrics.mape.threshold: Input should be a valid number",
+    ),
+    "gate_regression_out_of_range": (
+        lambda d: d["gate"]["metrics"]["mape"].update(max_regression=5),
+        "gate.metrics.mape.max_regression: Input should be less than or equal to 1 (got 5)",
+    ),
+    "same_aliases": (
+        lambda d: d["registry"].update(staging_alias="production"),
+        "registry: staging, production and previous-production aliases must differ",
+    ),
+    "bad_alias": (
+        lambda d: d["registry"].update(production_alias="prod alias"),
+        "registry.production_alias: String should match pattern",
+    ),
+    "environments_order": (
+        lambda d: d["deploy"].update(environments=["production", "dev"]),
+        "deploy.environments: the last environment must be 'production'",
+    ),
+    "environments_duplicate": (
+        lambda d: d["deploy"].update(environments=["dev", "dev", "production"]),
+        "deploy.environments: environments must be unique",
+    ),
+    "port_range": (
+        lambda d: d["deploy"].update(port=80),
+        "deploy.port: Input should be greater than or equal to 1024 (got 80)",
+    ),
+    "bad_email": (
+        lambda d: d["alerting"].update(emails=["not-an-email"]),
+        "alerting.emails.0: String should match pattern",
+    ),
+    "review_backend": (
+        lambda d: d["review"].update(backend="github"),
+        "review.backend: Input should be 'local_git' (got 'github')",
+    ),
+    "retries_negative": (
+        lambda d: d.update(retries=-1),
+        "retries: Input should be greater than or equal to 0 (got -1)",
+    ),
 }
 
 
@@ -80,7 +137,9 @@ def test_each_rule_fails_with_a_message_naming_file_and_field(tmp_path, case):
 
 def test_file_name_must_match_model_line(tmp_path):
     path = write(tmp_path, "other_name", BASE)
-    with pytest.raises(ModelLineConfigError, match="model_line: 'demand_forecast' must equal the file name 'other_name'"):
+    with pytest.raises(
+        ModelLineConfigError, match="model_line: 'demand_forecast' must equal the file name 'other_name'"
+    ):
         load_model_line(path)
 
 

@@ -15,10 +15,20 @@ import yaml
 from mlops_lifecycle import paths
 
 HEAVY = [
-    "mlflow", "pandas", "numpy", "sklearn", "gitlab", "google.cloud.bigquery", "databricks", "duckdb",
-    "sqlglot", "pyarrow",
+    "mlflow",
+    "pandas",
+    "numpy",
+    "sklearn",
+    "gitlab",
+    "google.cloud.bigquery",
+    "databricks",
+    "duckdb",
+    "sqlglot",
+    "pyarrow",
     # Airflow itself reads every provider's package info at start-up; the operator modules are the cost
-    "airflow.providers.google.cloud", "airflow.providers.databricks.operators", "airflow.providers.databricks.hooks",
+    "airflow.providers.google.cloud",
+    "airflow.providers.databricks.operators",
+    "airflow.providers.databricks.hooks",
 ]
 
 PARSE = r"""
@@ -46,7 +56,11 @@ def parse_dag_folder(model_lines: Path) -> dict:
     env = {**os.environ, "MLOPS_MODEL_LINES_DIR": str(model_lines)}
     out = subprocess.run(
         [sys.executable, "-c", PARSE, str(paths.REPO_ROOT / "dags"), json.dumps(HEAVY)],
-        env=env, capture_output=True, text=True, check=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -68,10 +82,20 @@ def test_no_heavy_module_is_imported_at_parse_time(shipped):
 
 def test_lifecycle_shape_tags_owner_and_retries(shipped):
     dag = shipped["dags"]["demand_forecast__lifecycle"]
-    chain = ["extract", "train", "gate", "stage", "open_review", "approve_review", "merge_review", "deploy",
-             "verify_serving", "promote"]
+    chain = [
+        "extract",
+        "train",
+        "gate",
+        "stage",
+        "open_review",
+        "approve_review",
+        "merge_review",
+        "deploy",
+        "verify_serving",
+        "promote",
+    ]
     assert set(dag["tasks"]) == {*chain, "restore_staging"}
-    for upstream, downstream in zip(chain, chain[1:]):
+    for upstream, downstream in zip(chain, chain[1:], strict=False):
         assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
     assert dag["downstream"]["promote"] == []  # a leaf: a failed promotion fails the run
     for task in ("approve_review", "merge_review", "deploy", "verify_serving"):

@@ -113,9 +113,7 @@ def components(text: str) -> Problems:
         if command and name in services and _command(services[name]) != [command]:
             problems.append(f"{name} runs {_command(services[name])}, expected [{command!r}]")
     problems += [
-        f"{name}: not needed with the LocalExecutor"
-        for name in ("redis", "airflow-worker")
-        if name in services
+        f"{name}: not needed with the LocalExecutor" for name in ("redis", "airflow-worker") if name in services
     ]
     return problems
 
@@ -283,9 +281,7 @@ def mlflow_server(text: str) -> Problems:
     allowed = (_flag(command, "--allowed-hosts") or "").split(",")
     for host in ("mlflow", "mlflow:5000", "localhost:5000"):
         if host not in allowed:
-            problems.append(
-                f"mlflow --allowed-hosts lacks {host!r} (requests with that Host header get rejected)"
-            )
+            problems.append(f"mlflow --allowed-hosts lacks {host!r} (requests with that Host header get rejected)")
     store = _with_defaults(_flag(command, "--backend-store-uri") or "")
     if not re.fullmatch(r"postgresql\+psycopg2://[^@]+@postgres(:\d+)?/mlflow", store):
         problems.append(f"mlflow backend store {store!r} is not the mlflow database on postgres")
@@ -405,9 +401,7 @@ MUTATIONS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("rule", "old", "new"), MUTATIONS, ids=[f"{m[0]}-{i}" for i, m in enumerate(MUTATIONS)]
-)
+@pytest.mark.parametrize(("rule", "old", "new"), MUTATIONS, ids=[f"{m[0]}-{i}" for i, m in enumerate(MUTATIONS)])
 def test_each_rule_catches_its_mutation(text: str, rule: str, old: str, new: str) -> None:
     assert text.count(old) == 1, f"mutation target not found exactly once (did the file change?): {old!r}"
     mutated = text.replace(old, new)

@@ -11,13 +11,13 @@ import copy
 import http.server
 import json
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import yaml
+
 from conftest import MODEL_LINES, REVIEWER
 from hitl import Reviewer
-
 from mlops_lifecycle import devstack, paths
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +29,7 @@ BASE = yaml.safe_load((paths.include_dir() / "model_lines" / "demand_forecast.ya
 
 def window(day: int, month: int = 10) -> datetime:
     """Logical date of a manual run: the end of the weekly data interval (Mondays 03:00 UTC)."""
-    return datetime(2026, month, day, 3, tzinfo=timezone.utc)
+    return datetime(2026, month, day, 3, tzinfo=UTC)
 
 
 W1, W2, W3, W4, W5 = window(5), window(12), window(19), window(26), window(2, 11)
@@ -52,15 +52,18 @@ class Line:
         self.write()
 
     def write(self, **changes) -> None:  # noqa: ANN003
-        data = deep_update(copy.deepcopy(BASE), {
-            "model_line": LINE,
-            "retries": 1,
-            "retry_delay_seconds": 1,
-            "registry": {"model_name": LINE, "experiment": f"/e2e/{LINE}"},
-            "train": {"parameters": {"max_iter": 60, "learning_rate": 0.1}},
-            "review": {"auto_approve": True, "reviewers": []},
-            "deploy": {"port": self.port, "verify_timeout_seconds": 120},
-        })
+        data = deep_update(
+            copy.deepcopy(BASE),
+            {
+                "model_line": LINE,
+                "retries": 1,
+                "retry_delay_seconds": 1,
+                "registry": {"model_name": LINE, "experiment": f"/e2e/{LINE}"},
+                "train": {"parameters": {"max_iter": 60, "learning_rate": 0.1}},
+                "review": {"auto_approve": True, "reviewers": []},
+                "deploy": {"port": self.port, "verify_timeout_seconds": 120},
+            },
+        )
         deep_update(data, changes)
         (MODEL_LINES / f"{LINE}.yaml").write_text(yaml.safe_dump(data))
 
@@ -210,8 +213,12 @@ def test_gate_rejection_is_not_retried(line):
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        ti = session.query(TaskInstance).filter_by(dag_id=DAG_ID, task_id="gate").order_by(
-            TaskInstance.start_date.desc()).first()
+        ti = (
+            session.query(TaskInstance)
+            .filter_by(dag_id=DAG_ID, task_id="gate")
+            .order_by(TaskInstance.start_date.desc())
+            .first()
+        )
         assert ti.state == "failed" and ti.try_number == 1 and ti.max_tries == 1
 
 

@@ -85,9 +85,7 @@ def build_model(workdir: Path) -> dict[str, Any]:
     version = mlflow.register_model(info.model_uri, MODEL_NAME)
 
     sample = frame.sample(N_ROWS, random_state=1)
-    rows = [
-        {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in sample.to_dict("records")
-    ]
+    rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in sample.to_dict("records")]
     return {
         "tracking_uri": tracking_uri,
         "run_id": run.info.run_id,
@@ -189,9 +187,7 @@ def service(model: dict[str, Any]) -> Iterator[Running]:
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(
-                    f"service not healthy after {STARTUP_TIMEOUT_S}s:\n{_stderr_tail(running.stderr)}"
-                )
+                pytest.fail(f"service not healthy after {STARTUP_TIMEOUT_S}s:\n{_stderr_tail(running.stderr)}")
             time.sleep(0.2)
         yield running
     finally:
@@ -244,9 +240,7 @@ def failed_starts(model: dict[str, Any]) -> dict[str, Exited]:
 
 def _startup_failure(exited: Exited) -> str:
     """The service's own one-line JSON report of why it did not start (after checking that it exited)."""
-    assert exited.returncode is not None, (
-        f"still running after {STARTUP_TIMEOUT_S}s:\n{exited.stderr[-3000:]}"
-    )
+    assert exited.returncode is not None, f"still running after {STARTUP_TIMEOUT_S}s:\n{exited.stderr[-3000:]}"
     assert exited.returncode != 0, exited.stderr[-3000:]
     events = [json.loads(line) for line in exited.stderr.splitlines() if line.startswith("{")]
     failures = [e["error"] for e in events if e.get("event") == "startup_failed"]
@@ -276,9 +270,7 @@ def test_version_reports_the_served_model(client: httpx.Client, model: dict[str,
 
 
 @pytest.mark.parametrize("n", [1, N_ROWS])
-def test_predict_returns_one_finite_float_per_row(
-    client: httpx.Client, model: dict[str, Any], n: int
-) -> None:
+def test_predict_returns_one_finite_float_per_row(client: httpx.Client, model: dict[str, Any], n: int) -> None:
     response = client.post("/predict", json={"rows": model["rows"][:n]})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -351,9 +343,7 @@ def test_malformed_body_is_422_naming_field(client: httpx.Client, body: dict[str
     assert any(e["loc"][:2] == ["body", field] for e in response.json()["detail"]), response.text
 
 
-def test_every_request_is_one_json_log_line(
-    client: httpx.Client, service: Running, model: dict[str, Any]
-) -> None:
+def test_every_request_is_one_json_log_line(client: httpx.Client, service: Running, model: dict[str, Any]) -> None:
     client.get("/version")
     client.post("/predict", json={"rows": []})
     time.sleep(0.2)

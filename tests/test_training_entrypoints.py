@@ -104,9 +104,7 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def workspaces(
-    tmp_path_factory: pytest.TempPathFactory, snapshots: Path, pycache: Path
-) -> Callable[[str], Workspace]:
+def workspaces(tmp_path_factory: pytest.TempPathFactory, snapshots: Path, pycache: Path) -> Callable[[str], Workspace]:
     """Makes fresh workspaces that share the snapshots and the bytecode cache."""
     return lambda name: Workspace(tmp_path_factory.mktemp(name), snapshots, pycache)
 
@@ -261,9 +259,7 @@ def test_demand_forecast_registers_compares_with_production_and_reuses_on_retry(
         signature = mlflow.models.get_model_info("models:/demand_forecast/1").signature
         assert signature.inputs.input_names() == DEMAND_FEATURES
 
-        profile_path = client.download_artifacts(
-            first["run_id"], "reference_profile.json", str(workspace.root)
-        )
+        profile_path = client.download_artifacts(first["run_id"], "reference_profile.json", str(workspace.root))
         profile = json.loads(Path(profile_path).read_text())
         assert set(profile["columns"]) == {*DEMAND_FEATURES, "units_sold", "prediction"}
         lag = profile["columns"]["lag_7"]
@@ -276,9 +272,7 @@ def test_demand_forecast_registers_compares_with_production_and_reuses_on_retry(
 
         # v1 goes to production; the next candidate is measured against it on the same holdout
         client.set_registered_model_alias("demand_forecast", "production", "1")
-    second = result_of(
-        train(workspace, "demand_forecast", "demand_forecast/w2/train", params={"max_iter": 120})
-    )
+    second = result_of(train(workspace, "demand_forecast", "demand_forecast/w2/train", params={"max_iter": 120}))
     assert second["model_version"] == "2" and second["production_version"] == "1"
     production_metrics = {f"production.{name}" for name in METRICS["demand_forecast"]}
     assert set(second["metrics"]) == METRICS["demand_forecast"] | production_metrics

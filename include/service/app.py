@@ -157,19 +157,13 @@ def load_service(settings: Settings) -> ServiceState:
 
     label = f"model {settings.model_name!r} version {settings.model_version}"
     try:
-        model_version = MlflowClient(tracking_uri=uri).get_model_version(
-            settings.model_name, settings.model_version
-        )
+        model_version = MlflowClient(tracking_uri=uri).get_model_version(settings.model_name, settings.model_version)
     except MlflowException as exc:
         if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise StartupError(f"{label} is not registered in the MLflow registry at {where}") from exc
-        raise StartupError(
-            f"could not look up {label} in the MLflow registry at {where}: {_one_line(exc)}"
-        ) from exc
+        raise StartupError(f"could not look up {label} in the MLflow registry at {where}: {_one_line(exc)}") from exc
     except Exception as exc:
-        raise StartupError(
-            f"could not look up {label} in the MLflow registry at {where}: {_one_line(exc)}"
-        ) from exc
+        raise StartupError(f"could not look up {label} in the MLflow registry at {where}: {_one_line(exc)}") from exc
 
     try:
         model = mlflow.pyfunc.load_model(settings.model_uri)
@@ -216,9 +210,7 @@ class RowValidator:
                 if name not in row or row[name] is None:
                     if required:
                         kind = "missing" if name not in row else "null"
-                        errors.append(
-                            _error(i, name, "missing", f"field {name!r} is {kind} (required)", None)
-                        )
+                        errors.append(_error(i, name, "missing", f"field {name!r} is {kind} (required)", None))
                     continue
                 msg = _type_problem(row[name], dtype)
                 if msg:
@@ -287,9 +279,7 @@ def _to_floats(raw: Any, n_rows: int) -> list[float]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model output is not numeric ({values.dtype}): {exc}") from exc
     if not np.isfinite(floats).all():
-        raise ValueError(
-            f"model returned a non-finite prediction at row {int(np.argmin(np.isfinite(floats)))}"
-        )
+        raise ValueError(f"model returned a non-finite prediction at row {int(np.argmin(np.isfinite(floats)))}")
     return floats.tolist()
 
 

@@ -308,9 +308,7 @@ def column_profile(values: pd.Series, categorical: bool) -> dict[str, Any]:
     }
 
 
-def reference_profile(
-    line: ModelLine, features: pd.DataFrame, target: pd.Series, scores: np.ndarray
-) -> dict[str, Any]:
+def reference_profile(line: ModelLine, features: pd.DataFrame, target: pd.Series, scores: np.ndarray) -> dict[str, Any]:
     """Profile of the training split (features, target, prediction): the drift reference."""
     columns = {name: column_profile(features[name], name in line.categorical) for name in line.features}
     columns[str(target.name)] = column_profile(target, categorical=False)
@@ -403,9 +401,7 @@ def compare_with_production(
         mlflow.set_tag("lifecycle.production_version", "none")
         return None, {}
     version = str(current.version)
-    mlflow.set_tags(
-        {"lifecycle.production_version": version, "lifecycle.production_run_id": current.run_id or ""}
-    )
+    mlflow.set_tags({"lifecycle.production_version": version, "lifecycle.production_run_id": current.run_id or ""})
     model = mlflow.pyfunc.load_model(f"models:/{args.registered_model}/{version}")
     try:
         output = model.predict(features)
@@ -414,8 +410,7 @@ def compare_with_production(
         mlflow.set_tag("lifecycle.production_error", str(exc)[:4000])
         return version, {}
     metrics = {
-        f"production.{name}": value
-        for name, value in line.metrics(truth.to_numpy(), line.scores(output)).items()
+        f"production.{name}": value for name, value in line.metrics(truth.to_numpy(), line.scores(output)).items()
     }
     mlflow.log_metrics(metrics)
     log.info("production version %s on the same holdout: %s", version, _format_metrics(metrics))
@@ -505,9 +500,7 @@ def train_and_register(line: ModelLine, args: argparse.Namespace, client: Mlflow
     x_train, y_train = train[line.features], train[args.target]
     x_holdout, y_holdout = holdout[line.features], holdout[args.target]
     if line.task == "classification" and y_train.nunique() < 2:
-        raise InputError(
-            f"the training split has a single class of {args.target}: {y_train.unique().tolist()}"
-        )
+        raise InputError(f"the training split has a single class of {args.target}: {y_train.unique().tolist()}")
 
     params = {**line.default_params, **args.params}
     mlflow.log_params(
@@ -559,9 +552,7 @@ def emit(result: dict[str, Any], result_file: Path | None, stdout: TextIO) -> No
 
 def main(line: ModelLine, argv: list[str] | None = None) -> int:
     """Run the whole training step; return the process exit code."""
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(line, argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     stdout = sys.stdout

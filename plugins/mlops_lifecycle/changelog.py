@@ -79,9 +79,7 @@ def render_proposal(p: Proposal) -> str:
     for r in p.verdict.results:
         value = "missing" if r.value is None else f"{r.value:.6g}"
         limit = "n/a" if r.limit is None else f"{r.limit:.6g}"
-        lines.append(
-            f"| {md_text(r.metric)} | {r.rule} | {value} | {limit} | {'pass' if r.passed else '**FAIL**'} |"
-        )
+        lines.append(f"| {md_text(r.metric)} | {r.rule} | {value} | {limit} | {'pass' if r.passed else '**FAIL**'} |")
     lines += ["", f"Gate: {md_text(p.verdict.summary())}", "", ""]
     return "\n".join(lines)
 

@@ -46,9 +46,7 @@ class Schedule(_Strict):
         from croniter import croniter
 
         if value.startswith("@") or not croniter.is_valid(value):
-            raise ValueError(
-                f"'{value}' is not a five-field cron expression (e.g. '0 3 * * 1' for Mondays 03:00)"
-            )
+            raise ValueError(f"'{value}' is not a five-field cron expression (e.g. '0 3 * * 1' for Mondays 03:00)")
         return value
 
 
@@ -97,9 +95,7 @@ class Registry(_Strict):
 
 class MetricRule(_Strict):
     direction: Literal["minimize", "maximize"]
-    threshold: float | None = Field(
-        default=None, description="Absolute limit: max for minimize, min for maximize."
-    )
+    threshold: float | None = Field(default=None, description="Absolute limit: max for minimize, min for maximize.")
     max_regression: float | None = Field(
         default=None,
         ge=0,
@@ -120,9 +116,7 @@ class Gate(_Strict):
 
 class Review(_Strict):
     backend: Literal["local_git"]
-    repository: str = Field(
-        default="deploy-repo", description="Deployment repository, relative to the local home."
-    )
+    repository: str = Field(default="deploy-repo", description="Deployment repository, relative to the local home.")
     auto_approve: bool = Field(default=False, description="Approve without a human (demo and tests).")
     reviewers: list[str] = Field(default_factory=list)
     timeout_hours: float = Field(default=72, gt=0, le=24 * 30)
@@ -251,9 +245,7 @@ def load_model_line(path: Path) -> ModelLineConfig:
     except ValidationError as exc:
         raise ModelLineConfigError(shown, [_format_error(e, ModelLineConfig) for e in exc.errors()]) from None
     if config.model_line != path.stem:
-        raise ModelLineConfigError(
-            shown, [f"model_line: '{config.model_line}' must equal the file name '{path.stem}'"]
-        )
+        raise ModelLineConfigError(shown, [f"model_line: '{config.model_line}' must equal the file name '{path.stem}'"])
     return config
 
 

@@ -65,13 +65,14 @@ def _doc(config: ModelLineConfig) -> str:
         f"{rule.max_regression if rule.max_regression is not None else '-'} |"
         for name, rule in config.gate.metrics.items()
     )
+    review = "automatic approval" if config.review.auto_approve else "human approval under Required Actions"
     return (
         f"# {config.model_line}\n\n{config.description}\n\n"
         f"Owner: **{config.owner.team}**. Registered model `{config.registry.model_name}`, experiment "
         f"`{config.registry.experiment}`. Each run trains on {config.window.training_lookback_days} days up to "
         f"the end of its data interval, holding out the last {config.window.holdout_days}.\n\n"
         "| gate metric | direction | threshold | max regression vs production |\n|---|---|---|---|\n"
-        f"{gate}\n\nReview: {'automatic approval' if config.review.auto_approve else 'human approval under Required Actions'}.\n"
+        f"{gate}\n\nReview: {review}.\n"
     )
 
 
@@ -98,8 +99,10 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         common = {"config": config}
         extract = ExtractOperator(task_id="extract", **common)
         train = TrainOperator(
-            task_id="train", snapshot=extract.output,
-            execution_timeout=timedelta(minutes=config.train.timeout_minutes), **common,
+            task_id="train",
+            snapshot=extract.output,
+            execution_timeout=timedelta(minutes=config.train.timeout_minutes),
+            **common,
         )
         gate = GateOperator(task_id="gate", candidate=train.output, **common)
         stage = StageOperator(task_id="stage", candidate=train.output, verdict=gate.output, **common)
@@ -107,9 +110,7 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         approval = ReviewApprovalOperator(
             task_id="approve_review", review=review.output, candidate=train.output, **common
         )
-        merge = MergeReviewOperator(
-            task_id="merge_review", review=review.output, approval=approval.output, **common
-        )
+        merge = MergeReviewOperator(task_id="merge_review", review=review.output, approval=approval.output, **common)
         deploy = LocalDeployOperator(task_id="deploy", candidate=train.output, merge=merge.output, **common)
         verify = VerifyServingOperator(
             task_id="verify_serving", candidate=train.output, deployment=deploy.output, **common

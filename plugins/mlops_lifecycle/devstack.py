@@ -33,7 +33,9 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def stack_env(home: Path, mlflow_url: str, mlflow_ui_url: str | None = None, database_url: str | None = None) -> dict[str, str]:
+def stack_env(
+    home: Path, mlflow_url: str, mlflow_ui_url: str | None = None, database_url: str | None = None
+) -> dict[str, str]:
     """Environment for Airflow and the local adapters, all state under ``home``."""
     airflow_home = home / "airflow"
     conn = {"conn_type": "http", "extra": {"tracking_uri": mlflow_url, "ui_url": mlflow_ui_url or mlflow_url}}
@@ -57,8 +59,13 @@ def migrate_airflow_db(env: dict[str, str]) -> None:
     """``airflow db migrate`` in a child process (idempotent, a few seconds when already migrated)."""
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     airflow = Path(sys.executable).with_name("airflow")
-    subprocess.run([str(airflow), "db", "migrate"], env={**os.environ, **env}, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [str(airflow), "db", "migrate"],
+        env={**os.environ, **env},
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -95,10 +102,24 @@ class MlflowServer:
         mlflow = Path(sys.executable).with_name("mlflow")
         log = open(self.store / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}",
-             "--artifacts-destination", str(self.store / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, stdin=subprocess.DEVNULL,
+            [
+                str(mlflow),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.store / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.store / "artifacts"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
             # no GenAI job runners: they are a dozen idle processes on a 2-core laptop
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )

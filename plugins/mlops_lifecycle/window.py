@@ -12,7 +12,7 @@ run tag, the review branch. A retry, or a re-run of the same window, finds what 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 from mlops_lifecycle.config import ModelLineConfig
 
@@ -43,14 +43,15 @@ class DataWindow:
 
 def last_complete_interval(cron: str, tz: str, before: datetime) -> tuple[datetime, datetime]:
     """The last complete cron period ending at or before ``before``."""
-    from croniter import croniter
     from zoneinfo import ZoneInfo
+
+    from croniter import croniter
 
     local = before.astimezone(ZoneInfo(tz))
     itr = croniter(cron, local + timedelta(seconds=1))
     end = itr.get_prev(datetime)
     start = itr.get_prev(datetime)
-    return start.astimezone(timezone.utc), end.astimezone(timezone.utc)
+    return start.astimezone(UTC), end.astimezone(UTC)
 
 
 def resolve_window(
@@ -61,15 +62,13 @@ def resolve_window(
 ) -> DataWindow:
     """Window of a run from its data interval; falls back to the last cron period before ``run_after``."""
     if interval_start is None or interval_end is None or interval_end <= interval_start:
-        anchor = run_after or datetime.now(timezone.utc)
-        interval_start, interval_end = last_complete_interval(
-            config.schedule.cron, config.schedule.timezone, anchor
-        )
+        anchor = run_after or datetime.now(UTC)
+        interval_start, interval_end = last_complete_interval(config.schedule.cron, config.schedule.timezone, anchor)
     window_end = interval_end.date()
     return DataWindow(
         model_line=config.model_line,
-        interval_start=interval_start.astimezone(timezone.utc),
-        interval_end=interval_end.astimezone(timezone.utc),
+        interval_start=interval_start.astimezone(UTC),
+        interval_end=interval_end.astimezone(UTC),
         train_start=window_end - timedelta(days=config.window.training_lookback_days),
         holdout_start=window_end - timedelta(days=config.window.holdout_days),
         window_end=window_end,

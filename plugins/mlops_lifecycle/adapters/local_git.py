@@ -39,9 +39,7 @@ class LocalGitRepository:
             "GIT_COMMITTER_EMAIL": BOT_EMAIL,
             "GIT_TERMINAL_PROMPT": "0",
         }
-        result = subprocess.run(
-            ["git", "-C", str(self.path), *args], env=env, capture_output=True, text=True
-        )
+        result = subprocess.run(["git", "-C", str(self.path), *args], env=env, capture_output=True, text=True)
         if check and result.returncode != 0:
             raise LifecycleError(
                 f"git {' '.join(args)} failed in {self.path}: {result.stderr.strip() or result.stdout.strip()}"
@@ -77,9 +75,7 @@ class LocalGitRepository:
 
     def read(self, ref: str, relpath: str) -> str | None:
         """File content at ``ref`` (None if absent)."""
-        out = subprocess.run(
-            ["git", "-C", str(self.path), "show", f"{ref}:{relpath}"], capture_output=True, text=True
-        )
+        out = subprocess.run(["git", "-C", str(self.path), "show", f"{ref}:{relpath}"], capture_output=True, text=True)
         return out.stdout if out.returncode == 0 else None
 
     def _commit_files(self, replace: Mapping[str, str], append: Mapping[str, str], message: str) -> str | None:
@@ -105,9 +101,7 @@ class LocalGitRepository:
         return self.git("rev-parse", "HEAD")
 
     # review operations --------------------------------------------------------------------------
-    def open_review(
-        self, branch: str, replace: Mapping[str, str], append: Mapping[str, str], message: str
-    ) -> str:
+    def open_review(self, branch: str, replace: Mapping[str, str], append: Mapping[str, str], message: str) -> str:
         """Branch off main, write ``replace`` files and append ``append`` entries, commit. Idempotent."""
         with self.locked():
             if self.is_merged(branch):
@@ -128,9 +122,9 @@ class LocalGitRepository:
     def is_merged(self, branch: str) -> bool:
         if not self.branch_exists(branch):
             return False
-        return subprocess.run(
-            ["git", "-C", str(self.path), "merge-base", "--is-ancestor", branch, MAIN]
-        ).returncode == 0
+        return (
+            subprocess.run(["git", "-C", str(self.path), "merge-base", "--is-ancestor", branch, MAIN]).returncode == 0
+        )
 
     def merge(self, branch: str, message: str) -> str:
         """Merge ``branch`` into main with a merge commit; a retry returns the existing merge commit."""

@@ -63,7 +63,12 @@ class LocalServiceDeployer:
         return state if _alive(state.pid) else None
 
     def deploy(
-        self, model_line: str, model_name: str, model_version: str, port: int, env: dict[str, str],
+        self,
+        model_line: str,
+        model_name: str,
+        model_version: str,
+        port: int,
+        env: dict[str, str],
         revision: str,
     ) -> ServiceState:
         """Replace the line's service with one serving ``model_version``; reuse it if already so."""
@@ -84,21 +89,44 @@ class LocalServiceDeployer:
             "SERVICE_REVISION": revision,
         }
         argv = [
-            sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(self.service_dir),
-            "--host", "127.0.0.1", "--port", str(port),
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app:app",
+            "--app-dir",
+            str(self.service_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
         ]
         with open(log_file, "ab") as out:
             proc = subprocess.Popen(
-                argv, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                argv,
+                env=child_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 stdin=subprocess.DEVNULL,
             )
         state = ServiceState(
-            model_line=model_line, model_version=model_version, pid=proc.pid, port=port,
-            url=f"http://127.0.0.1:{port}", log_file=str(log_file), started_at=time.time(),
+            model_line=model_line,
+            model_version=model_version,
+            pid=proc.pid,
+            port=port,
+            url=f"http://127.0.0.1:{port}",
+            log_file=str(log_file),
+            started_at=time.time(),
         )
         self._state_file(model_line).write_text(json.dumps(asdict(state), indent=2))
-        log.info("Started service for %s v%s: pid %d at %s (log %s)", model_line, model_version, proc.pid,
-                 state.url, log_file)
+        log.info(
+            "Started service for %s v%s: pid %d at %s (log %s)",
+            model_line,
+            model_version,
+            proc.pid,
+            state.url,
+            log_file,
+        )
         return state
 
     def stop(self, model_line: str, grace_seconds: float = 15.0) -> None:

@@ -93,21 +93,17 @@ class LocalWarehouse:
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         started = time.monotonic()
         with duckdb.connect(":memory:") as con:
-            for logical, physical in tables.items():
+            for physical in tables.values():
                 source = self.table_dir(physical)
                 if not any(source.glob("*.parquet")):
                     raise SnapshotError(f"Local warehouse table '{physical}' ({source}) has no data")
-                con.execute(
-                    f"CREATE VIEW {physical} AS SELECT * FROM read_parquet('{source}/*.parquet')"
-                )
+                con.execute(f"CREATE VIEW {physical} AS SELECT * FROM read_parquet('{source}/*.parquet')")
             log.info("Running feature query (DuckDB, transpiled from BigQuery):\n%s", sql)
             con.execute(f"COPY ({sql}) TO '{tmp}' (FORMAT parquet)")
             rows = con.execute(f"SELECT count(*) FROM read_parquet('{tmp}')").fetchone()[0]
         if rows == 0:
             tmp.unlink(missing_ok=True)
-            raise SnapshotError(
-                f"Feature query for {name} returned no rows for window {window_start}..{window_end}"
-            )
+            raise SnapshotError(f"Feature query for {name} returned no rows for window {window_start}..{window_end}")
         os.replace(tmp, target)
         log.info("Snapshot %s: %d rows in %.1f s", target, rows, time.monotonic() - started)
         return Snapshot(uri=str(target), rows=rows, reused=False)

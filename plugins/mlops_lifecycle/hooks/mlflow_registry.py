@@ -148,8 +148,7 @@ class MlflowRegistryHook(BaseHook):
         after = self.alias_version(name, alias)
         if after != version:
             raise RegistryConflict(
-                f"Registered model '{name}': alias '{alias}' moved to v{after} while this run set it "
-                f"to v{version}"
+                f"Registered model '{name}': alias '{alias}' moved to v{after} while this run set it to v{version}"
             )
         self.log.info("Registered model '%s': alias '%s' v%s -> v%s", name, alias, current, version)
         return True

@@ -27,8 +27,9 @@ class ExtractOperator(LifecycleOperator):
         from mlops_lifecycle.adapters.warehouse import LocalWarehouse
 
         window = self.window(context)
-        self.log.info("Run key %s; training window %s, holdout from %s", window.run_key, window.label,
-                      window.holdout_start)
+        self.log.info(
+            "Run key %s; training window %s, holdout from %s", window.run_key, window.label, window.holdout_start
+        )
         warehouse = LocalWarehouse(paths.local_home() / "warehouse")
         warehouse.ensure_sample_data(through=window.window_end)
         # history before the window is needed for lag features: the SQL reads it itself
@@ -64,8 +65,11 @@ class TrainOperator(LifecycleOperator):
         experiment = self.config.registry.experiment
         run = self.registry.find_run(experiment, window.run_key)
         if run is not None and run.data.tags.get("lifecycle.registered_version"):
-            self.log.info("Run key %s already trained in MLflow run %s: reusing it, not training again",
-                          window.run_key, run.info.run_id)
+            self.log.info(
+                "Run key %s already trained in MLflow run %s: reusing it, not training again",
+                window.run_key,
+                run.info.run_id,
+            )
         else:
             self._train(context, window)
             run = self.registry.find_run(experiment, window.run_key)
@@ -82,7 +86,8 @@ class TrainOperator(LifecycleOperator):
             "run_id": run.info.run_id,
             "experiment_id": run.info.experiment_id,
             "run_key": window.run_key,
-            "production_version": None if tags.get("lifecycle.production_version", "none") == "none"
+            "production_version": None
+            if tags.get("lifecycle.production_version", "none") == "none"
             else tags["lifecycle.production_version"],
             "code_revision": tags.get("lifecycle.code_revision", "unknown"),
             "snapshot": self.snapshot["uri"],
@@ -91,9 +96,13 @@ class TrainOperator(LifecycleOperator):
         }
         self.set_link(MlflowRunLink.key, self.registry.run_url(run.info.experiment_id, run.info.run_id))
         self.set_link(MlflowModelVersionLink.key, self.model_version_url(candidate["model_version"]))
-        self.log.info("Candidate: %s v%s from run %s (production at training time: %s)",
-                      candidate["model_name"], candidate["model_version"], candidate["run_id"],
-                      candidate["production_version"] or "none")
+        self.log.info(
+            "Candidate: %s v%s from run %s (production at training time: %s)",
+            candidate["model_name"],
+            candidate["model_version"],
+            candidate["run_id"],
+            candidate["production_version"] or "none",
+        )
         return candidate
 
     def _train(self, context: Context, window: Any) -> None:
@@ -102,25 +111,42 @@ class TrainOperator(LifecycleOperator):
         cfg = self.config
         tags = {**self.airflow_ids(context), "lifecycle.code_revision": code_revision()}
         argv = [
-            sys.executable, str(cfg.entrypoint_path),
-            "--snapshot", self.snapshot["uri"],
-            "--run-key", window.run_key,
-            "--model-line", cfg.model_line,
-            "--experiment", cfg.registry.experiment,
-            "--registered-model", cfg.registry.model_name,
-            "--production-alias", cfg.registry.production_alias,
-            "--holdout-start", window.holdout_start.isoformat(),
-            "--window-start", window.train_start.isoformat(),
-            "--window-end", window.window_end.isoformat(),
-            "--target", cfg.train.target,
-            "--params", json.dumps(cfg.train.parameters),
-            "--tags", json.dumps(tags),
+            sys.executable,
+            str(cfg.entrypoint_path),
+            "--snapshot",
+            self.snapshot["uri"],
+            "--run-key",
+            window.run_key,
+            "--model-line",
+            cfg.model_line,
+            "--experiment",
+            cfg.registry.experiment,
+            "--registered-model",
+            cfg.registry.model_name,
+            "--production-alias",
+            cfg.registry.production_alias,
+            "--holdout-start",
+            window.holdout_start.isoformat(),
+            "--window-start",
+            window.train_start.isoformat(),
+            "--window-end",
+            window.window_end.isoformat(),
+            "--target",
+            cfg.train.target,
+            "--params",
+            json.dumps(cfg.train.parameters),
+            "--tags",
+            json.dumps(tags),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update(self.registry.process_env())
         self._process = LocalProcess(argv, env, cwd=str(cfg.entrypoint_path.parent))
-        self.log.info("Training %s on %s (%d rows) in a local process", cfg.model_line,
-                      self.snapshot["uri"], self.snapshot["rows"])
+        self.log.info(
+            "Training %s on %s (%d rows) in a local process",
+            cfg.model_line,
+            self.snapshot["uri"],
+            self.snapshot["rows"],
+        )
         try:
             self._process.run(timeout_seconds=cfg.train.timeout_minutes * 60)
         except ProcessFailed as exc:

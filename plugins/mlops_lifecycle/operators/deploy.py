@@ -74,8 +74,9 @@ class VerifyServingOperator(LifecycleOperator):
         url = self.deployment["service_url"]
         self.set_link(ServiceVersionLink.key, f"{url}/version")
         timeout = self.config.deploy.verify_timeout_seconds
-        self.log.info("Deferring: waiting up to %d s for %s/version to report v%s", timeout, url,
-                      self.candidate["model_version"])
+        self.log.info(
+            "Deferring: waiting up to %d s for %s/version to report v%s", timeout, url, self.candidate["model_version"]
+        )
         self.defer(
             trigger=ServiceVersionTrigger(
                 url=url,

@@ -8,7 +8,7 @@ compare-and-set and write the append-only audit tags described in DESIGN.md §3.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mlops_lifecycle.exceptions import GateRejected
@@ -23,7 +23,7 @@ BASELINE_PREFIX = "production."
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class GateOperator(LifecycleOperator):
@@ -89,10 +89,7 @@ class StageOperator(LifecycleOperator):
                 "audit.snapshot": c["snapshot"],
                 "audit.metrics": json.dumps(self.verdict["metrics"], sort_keys=True),
                 "audit.gate": json.dumps(
-                    [
-                        {k: r[k] for k in ("metric", "rule", "value", "limit", "passed")}
-                        for r in self.verdict["results"]
-                    ]
+                    [{k: r[k] for k in ("metric", "rule", "value", "limit", "passed")} for r in self.verdict["results"]]
                 ),
                 "audit.gate_verdict": "passed",
                 "audit.gated_against_production": c["production_version"] or "none",
@@ -159,7 +156,14 @@ class PromoteOperator(LifecycleOperator):
     ui_color = "#d9f2d9"
 
     def __init__(
-        self, *, candidate: Any, review: Any, approval: Any, merge: Any, deployment: Any, verification: Any,
+        self,
+        *,
+        candidate: Any,
+        review: Any,
+        approval: Any,
+        merge: Any,
+        deployment: Any,
+        verification: Any,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -222,7 +226,11 @@ class PromoteOperator(LifecycleOperator):
         self.set_link(MlflowModelVersionLink.key, self.model_version_url(version))
         self.log.info(
             "%s v%s is production (%s); previous production: %s; changelog commit %s",
-            name, version, "moved now" if moved else "already there", expected or "none", changelog_commit,
+            name,
+            version,
+            "moved now" if moved else "already there",
+            expected or "none",
+            changelog_commit,
         )
         return {
             "model_name": name,

@@ -7,7 +7,7 @@ the demo and tests); rejection fails the run and nothing is merged. Merge: merge
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
@@ -79,7 +79,9 @@ class OpenReviewOperator(LifecycleOperator):
         branch = review_branch(c["model_line"], c["model_version"])
         commit = self.deployment_repo.open_review(
             branch,
-            replace={pin_path(c["model_line"]): render_pin(c["model_line"], c["model_name"], c["model_version"], c["run_id"])},
+            replace={
+                pin_path(c["model_line"]): render_pin(c["model_line"], c["model_name"], c["model_version"], c["run_id"])
+            },
             append={changelog_path(c["model_line"]): render_proposal(proposal)},
             message=f"{c['model_line']}: propose v{c['model_version']} for production",
         )
@@ -127,12 +129,13 @@ class ReviewApprovalOperator(LifecycleOperator, ApprovalOperator):
         self.log.info("Review %s asks:\n%s", self.review["review_id"], self.body)
         earlier = self._earlier_approval(c)
         if earlier is not None:
-            self.log.info("Review %s was approved and merged before (%s): not asking again",
-                          self.review["review_id"], earlier)
+            self.log.info(
+                "Review %s was approved and merged before (%s): not asking again", self.review["review_id"], earlier
+            )
             return earlier
         if self.config.review.auto_approve:
             self.log.info("review.auto_approve is set: approving without a human")
-            return self._decision([AUTO_APPROVER], datetime.now(timezone.utc))
+            return self._decision([AUTO_APPROVER], datetime.now(UTC))
         return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:

@@ -16,9 +16,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
 class ServiceVersionTrigger(BaseTrigger):
-    def __init__(
-        self, url: str, expected_version: str, deadline: float, poll_interval: float = 2.0
-    ) -> None:
+    def __init__(self, url: str, expected_version: str, deadline: float, poll_interval: float = 2.0) -> None:
         super().__init__()
         self.url = url
         self.expected_version = str(expected_version)
