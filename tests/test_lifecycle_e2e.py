@@ -205,6 +205,10 @@ def test_gate_rejection_is_final_and_leaves_the_registry_untouched(line):
     assert "r2" in run.data.tags["gate.summary"] and "violates >= 0.99999" in run.data.tags["gate.summary"]
     assert line.commits() == commits and not line.repo.branch_exists(f"review/{LINE}/v{version}")
     assert line.served_version() == "1"
+    alerts = [json.loads(x) for x in (paths.local_home() / "alerts" / f"{LINE}.jsonl").read_text().splitlines()]
+    gate_alert = [a for a in alerts if a["task_id"] == "gate" and a["run_id"] == result.run_id]
+    assert gate_alert and gate_alert[0]["error"].startswith("GateRejected: Gate rejected e2e_demand v")
+    assert gate_alert[0]["to"] == ["forecasting-oncall@example.com"] and gate_alert[0]["team"] == "forecasting"
 
 
 def test_gate_rejection_is_not_retried(line):

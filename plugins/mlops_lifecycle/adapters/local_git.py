@@ -158,4 +158,4 @@ class LocalGitRepository:
             return sha or self.git("rev-parse", "HEAD")
 
     def log_subjects(self, ref: str = MAIN, limit: int = 20) -> list[str]:
-        return self.git("log", f"-{limit}", "--format=%h %s", ref).splitlines()
+        return self.git("log", "--topo-order", f"-{limit}", "--format=%h %s", ref).splitlines()
