@@ -1,0 +1,172 @@
+"""A lifecycle as a user runs it: `airflow standalone` (API server, scheduler, DAG processor, triggerer,
+LocalExecutor), a scheduled run, approval through the REST API, the wait in the triggerer.
+
+Also measures what the issue asks for: worker slots held while waiting on review and on the service.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import MODEL_LINES, REVIEWER, REVIEWER_PASSWORD
+from mlops_lifecycle import devstack, paths
+
+pytestmark = pytest.mark.e2e
+
+LINE = "e2e_scheduled"
+DAG_ID = f"{LINE}__lifecycle"
+
+
+@pytest.fixture(scope="module")
+def api(stack):  # noqa: ANN001, ANN201
+    """A running `airflow standalone` and an authenticated client to its REST API."""
+    base = yaml.safe_load((paths.include_dir() / "model_lines" / "high_demand_alert.yaml").read_text())
+    data = copy.deepcopy(base)
+    port = devstack.free_port()
+    data.update(model_line=LINE, retries=0)
+    data["registry"].update(model_name=LINE, experiment=f"/e2e/{LINE}")
+    data["deploy"].update(port=port, verify_timeout_seconds=120, poll_interval_seconds=0.5)
+    data["review"].update(auto_approve=False, reviewers=[REVIEWER])
+    (MODEL_LINES / f"{LINE}.yaml").write_text(yaml.safe_dump(data))
+
+    api_port = devstack.free_port()
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+    }
+    log = open(Path(os.environ["AIRFLOW_HOME"]) / "standalone.log", "ab")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("airflow")), "standalone"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "airflow standalone exited; see standalone.log in the Airflow home"
+            try:
+                health = client.get("/api/v2/monitor/health").json()
+                if all(
+                    health.get(c, {}).get("status") == "healthy" for c in ("scheduler", "triggerer", "dag_processor")
+                ):
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            assert time.monotonic() < deadline, "airflow standalone did not become healthy in 180 s"
+            time.sleep(1)
+        token = client.post("/auth/token", json={"username": REVIEWER, "password": REVIEWER_PASSWORD})
+        token.raise_for_status()
+        client.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
+        yield client
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        (MODEL_LINES / f"{LINE}.yaml").unlink()
+
+
+def wait_for(what: str, probe, timeout: float = 300, every: float = 1.0):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def task_states(api, run_id: str) -> dict[str, str | None]:  # noqa: ANN001
+    response = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
+    response.raise_for_status()
+    return {t["task_id"]: t["state"] for t in response.json()["task_instances"]}
+
+
+def running_slots(api) -> int:  # noqa: ANN001
+    return api.get("/api/v2/pools/default_pool").json()["running_slots"]
+
+
+def test_scheduled_run_waits_for_approval_and_service_without_holding_worker_slots(api):
+    wait_for("the DAG to be parsed", lambda: api.get(f"/api/v2/dags/{DAG_ID}").status_code == 200, timeout=120)
+    assert api.get("/api/v2/importErrors").json()["total_entries"] == 0
+    api.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
+
+    def scheduled_run() -> dict | None:
+        runs = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns").json()["dag_runs"]
+        return next((r for r in runs if r["run_type"] == "scheduled"), None)
+
+    run = wait_for("the scheduler to create the latest scheduled run", scheduled_run, timeout=120)
+    run_id = run["dag_run_id"]
+    assert run["data_interval_end"] > run["data_interval_start"], "a real data interval"
+
+    wait_for(
+        "approve_review to wait for input",
+        lambda: task_states(api, run_id)["approve_review"] == "awaiting_input",
+        timeout=300,
+    )
+    slots_while_reviewing = []
+    for _ in range(3):  # sampled over a few seconds of waiting
+        slots_while_reviewing.append(running_slots(api))
+        time.sleep(1)
+    detail = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve_review/-1/hitlDetails").json()
+    assert detail["subject"].startswith(f"Approve {LINE} v") and "| roc_auc | threshold |" in detail["body"]
+    api.patch(
+        f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve_review/-1/hitlDetails",
+        json={"chosen_options": ["Approve"], "params_input": {}},
+    ).raise_for_status()
+
+    seen_verify, slots_while_verifying = set(), []
+
+    def finished() -> str | None:
+        states = task_states(api, run_id)
+        seen_verify.add(states["verify_serving"])
+        if states["verify_serving"] == "deferred":
+            slots_while_verifying.append(running_slots(api))
+        state = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"]
+        return state if state in ("success", "failed") else None
+
+    assert wait_for("the run to finish", finished, timeout=300, every=0.3) == "success", task_states(api, run_id)
+    assert "deferred" in seen_verify, f"verify_serving never deferred: {seen_verify}"
+    assert slots_while_reviewing == [0, 0, 0]
+    assert slots_while_verifying and set(slots_while_verifying) == {0}
+    print(
+        f"\nworker slots held: while awaiting review {max(slots_while_reviewing)}, "
+        f"while waiting for the service {max(slots_while_verifying)}"
+    )
+
+    from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
+
+    reg = MlflowRegistryHook()
+    aliases = reg.aliases(LINE)
+    assert aliases["production"] == aliases["staging"]
+    tags = reg.version_tags(LINE, aliases["production"])
+    assert tags["audit.approved_by"] == REVIEWER
+    assert tags["audit.promoted_by"] == f"airflow:{DAG_ID}/{run_id}"
+    run = reg.get_run(tags["audit.run_id"])
+    links = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/train/links").json()["extra_links"]
+    assert links["MLflow run"] == reg.run_url(run.info.experiment_id, run.info.run_id)
+    assert links["MLflow model version"] == reg.model_version_url(LINE, aliases["production"])
+    links = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/verify_serving/links").json()
+    assert links["extra_links"]["Service /version"].endswith("/version")
