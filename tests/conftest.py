@@ -23,7 +23,37 @@ SESSION_HOME = Path(tempfile.mkdtemp(prefix="mlops-tests-"))
 MODEL_LINES = SESSION_HOME / "model_lines"
 MODEL_LINES.mkdir()
 _MLFLOW = devstack.MlflowServer(SESSION_HOME / "mlflow", devstack.free_port())
-os.environ.update(devstack.stack_env(SESSION_HOME, _MLFLOW.url))
+_PG_DATABASE = f"mlops_test_{os.getpid()}"
+
+
+def _postgres_admin(*statements: str) -> None:
+    """Run CREATE/DROP DATABASE statements as the local postgres superuser (outside a transaction)."""
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def _metadata_database() -> str | None:
+    """PostgreSQL, as production uses, when one is reachable (or MLOPS_TEST_DATABASE_URL); else SQLite."""
+    if os.environ.get("MLOPS_TEST_DATABASE_URL"):
+        return os.environ["MLOPS_TEST_DATABASE_URL"]
+    try:
+        _postgres_admin(f"DROP DATABASE IF EXISTS {_PG_DATABASE}", f"CREATE DATABASE {_PG_DATABASE}")
+    except Exception as exc:  # no server here: a laptop without PostgreSQL
+        print(f"Airflow metadata DB: SQLite (no PostgreSQL on 127.0.0.1:5432: {type(exc).__name__})")
+        return None
+    return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{_PG_DATABASE}"
+
+
+METADATA_DB = _metadata_database()
+os.environ.update(devstack.stack_env(SESSION_HOME, _MLFLOW.url, database_url=METADATA_DB))
 os.environ["MLOPS_MODEL_LINES_DIR"] = str(MODEL_LINES)
 # a reviewer account for human-in-the-loop answers through the REST API
 REVIEWER, REVIEWER_PASSWORD = "reviewer", "reviewer-test-password"
@@ -58,8 +88,20 @@ def stack(mlflow_server, airflow_db) -> Path:  # noqa: ANN001
         deployer.stop(state.stem)
 
 
+def pytest_report_header(config):  # noqa: ANN001, ANN201
+    return f"Airflow metadata DB: {os.environ['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}"
+
+
 def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001
     _MLFLOW.stop()
+    if METADATA_DB and METADATA_DB.endswith(_PG_DATABASE):
+        try:
+            from airflow import settings
+
+            settings.dispose_orm()
+            _postgres_admin(f"DROP DATABASE IF EXISTS {_PG_DATABASE} WITH (FORCE)")
+        except Exception as exc:
+            print(f"could not drop test database {_PG_DATABASE}: {exc}")
     if exitstatus == 0:
         shutil.rmtree(SESSION_HOME, ignore_errors=True)
     else:

@@ -59,13 +59,12 @@ def migrate_airflow_db(env: dict[str, str]) -> None:
     """``airflow db migrate`` in a child process (idempotent, a few seconds when already migrated)."""
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     airflow = Path(sys.executable).with_name("airflow")
-    subprocess.run(
-        [str(airflow), "db", "migrate"],
-        env={**os.environ, **env},
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    done = subprocess.run(
+        [str(airflow), "db", "migrate"], env={**os.environ, **env}, capture_output=True, text=True
     )
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"airflow db migrate failed ({env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}):\n{tail}")
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
