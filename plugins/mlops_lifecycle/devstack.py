@@ -59,9 +59,7 @@ def migrate_airflow_db(env: dict[str, str]) -> None:
     """``airflow db migrate`` in a child process (idempotent, a few seconds when already migrated)."""
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     airflow = Path(sys.executable).with_name("airflow")
-    done = subprocess.run(
-        [str(airflow), "db", "migrate"], env={**os.environ, **env}, capture_output=True, text=True
-    )
+    done = subprocess.run([str(airflow), "db", "migrate"], env={**os.environ, **env}, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"airflow db migrate failed ({env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}):\n{tail}")
