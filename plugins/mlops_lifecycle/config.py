@@ -119,12 +119,18 @@ class Review(_Strict):
     repository: str = Field(default="deploy-repo", description="Deployment repository, relative to the local home.")
     auto_approve: bool = Field(default=False, description="Approve without a human (demo and tests).")
     reviewers: list[str] = Field(default_factory=list)
-    timeout_hours: float = Field(default=72, gt=0, le=24 * 30)
+    timeout_hours: float = Field(
+        default=72, gt=0, le=24 * 30, description="No answer by then fails the review (nothing merged)."
+    )
 
 
 class Deploy(_Strict):
     backend: Literal["local_process"]
-    environments: list[str] = Field(default_factory=lambda: ["dev", "staging", "production"], min_length=1)
+    environments: list[str] = Field(
+        default_factory=lambda: ["dev", "staging", "production"],
+        min_length=1,
+        description="Deployment order; locally one service process stands for the last one.",
+    )
     port: int = Field(ge=1024, le=65535, description="Loopback port of the local production service.")
     verify_timeout_seconds: int = Field(default=300, ge=5, le=24 * 3600)
     poll_interval_seconds: float = Field(default=2.0, gt=0, le=300)

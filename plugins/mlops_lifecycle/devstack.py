@@ -48,6 +48,8 @@ def stack_env(
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url or f"sqlite:///{airflow_home / 'airflow.db'}",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        # the in-process execution API narrates every state change; task logs stay at INFO
+        "AIRFLOW__LOGGING__NAMESPACE_LEVELS": "airflow.api_fastapi=WARNING",
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps(conn),
         "MLOPS_LOCAL_HOME": str(home),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.REPO_ROOT / "plugins"), os.environ.get("PYTHONPATH")])),

@@ -7,7 +7,7 @@ the demo and tests); rejection fails the run and nothing is merged. Merge: merge
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
@@ -114,7 +114,7 @@ class ReviewApprovalOperator(LifecycleOperator, ApprovalOperator):
             subject=f"Approve {config.model_line} for production?",
             body="(the changelog entry is loaded when the review opens)",
             assigned_users=[{"id": r, "name": r} for r in reviewers] or None,
-            response_timeout=None,
+            response_timeout=timedelta(hours=config.review.timeout_hours),
             **kwargs,
         )
         self.review = review
