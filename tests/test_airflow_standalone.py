@@ -44,6 +44,9 @@ def api(stack):  # noqa: ANN001, ANN201
         **os.environ,
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
         "AIRFLOW__API__PORT": str(api_port),
+        # free ports for the log servers too, so a `make up` running beside the tests does not clash
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(devstack.free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(devstack.free_port()),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
