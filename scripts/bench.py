@@ -9,6 +9,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,7 @@ def bench_lifecycle() -> None:
         from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
 
         LocalServiceDeployer(home / "services", paths.include_dir() / "service").stop("demand_forecast")
+        shutil.rmtree(home, ignore_errors=True)
     assert result.state == "success", result.task_states
     tasks = result.task_seconds
     train_task = tasks["train"]

@@ -71,6 +71,7 @@ def summarize(config, window, result, tracking_uri: str) -> int:  # noqa: ANN001
         prod_then = run.data.tags.get("lifecycle.production_version", "none")
         verdict = evaluate_gate(config.gate.metrics, metrics, baseline, None if prod_then == "none" else prod_then)
         out.append(f"MLflow run       {run.info.run_id}  {reg.run_url(run.info.experiment_id, run.info.run_id)}")
+        out.append("Gate (as evaluated when this version was trained)")
         for r in verdict.results:
             out.append(f"  gate {'PASS' if r.passed else 'FAIL'}  {r.reason}")
         out.append(f"Model version    {config.registry.model_name} v{version}")
@@ -80,18 +81,34 @@ def summarize(config, window, result, tracking_uri: str) -> int:  # noqa: ANN001
     out.append(f"Changelog        {repo.path} (main):")
     out += [f"  {line}" for line in repo.log_subjects(limit=6)] if (repo.path / ".git").exists() else ["  none"]
     url = f"http://127.0.0.1:{config.deploy.port}"
-    served = devstack.service_version(url)
-    out.append(f"Service          {url}/version -> {served}")
+    served = devstack.service_version(url) or {}
+    branch = f"review/{config.model_line}/v{version}"
+    has_repo = (repo.path / ".git").exists()
+    merged = repo.merge_commit_of(branch) if version and has_repo and repo.is_merged(branch) else None
+    out.append(
+        f"Service          {url}/version -> "
+        + (
+            f"{served.get('model_name')} v{served.get('model_version')}, run {served.get('run_id')}, "
+            f"revision {str(served.get('service_revision'))[:12]}"
+            if served
+            else "no answer"
+        )
+    )
     out.append(f"MLflow           tracking URI {tracking_uri} (browse it with `make up`)")
     ok = bool(
         version
         and aliases.get(config.registry.production_alias) == version
-        and served
         and str(served.get("model_version")) == version
+        and served.get("run_id") == run.info.run_id
+        and served.get("service_revision") == merged
     )
     out.append(
         "RESULT           "
-        + (f"production serves v{version}" if ok else "production does NOT serve this window's version")
+        + (
+            f"production serves v{version} (run and merged revision {str(merged)[:12]} confirmed)"
+            if ok
+            else "production does NOT serve this window's version from the merged revision"
+        )
     )
     out.append("=" * 72)
     print("\n".join(out))

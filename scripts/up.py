@@ -40,6 +40,14 @@ def main() -> int:
         stop_services()
         return 0
 
+    api_port = int(os.environ.get("AIRFLOW__API__PORT", "8080"))
+    if devstack.port_open(api_port):
+        print(
+            f"Port {api_port} is already in use (another Airflow?). Stop it, or choose another port: "
+            f"AIRFLOW__API__PORT=8081 AIRFLOW__API__BASE_URL=http://127.0.0.1:8081 make up",
+            file=sys.stderr,
+        )
+        return 2
     home = paths.local_home()
     server = devstack.MlflowServer(home / "mlflow", args.mlflow_port)
     env = {**os.environ, **devstack.stack_env(home, server.url)}
@@ -52,7 +60,7 @@ def main() -> int:
     print(f"MLflow UI   {server.url}")
     airflow_home = Path(env["AIRFLOW_HOME"])
     print(
-        "Airflow UI  http://127.0.0.1:8080  (user admin; password in "
+        f"Airflow UI  http://127.0.0.1:{api_port}  (user admin; password in "
         f"{airflow_home / 'simple_auth_manager_passwords.json.generated'})"
     )
     print("Approve reviews under Browse > Required Actions. Ctrl-C stops both.", flush=True)

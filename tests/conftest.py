@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+if "airflow" in sys.modules:  # e.g. a warning filter in pyproject.toml naming an Airflow class
+    raise RuntimeError("Airflow was imported before tests/conftest.py could point it at the test environment")
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugins"))
 

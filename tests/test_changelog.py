@@ -39,15 +39,15 @@ def test_proposal_has_model_version_run_window_and_metrics_against_gates():
     assert "[abc123](http://mlflow/#/experiments/1/runs/abc123)" in text
     assert "2024-11-23..2026-11-23 (holdout from 2026-10-26)" in text
     assert "Current production: v2" in text
-    assert "| mape | threshold | 0.12 | 0.2 | pass |" in text
-    assert "| mape | regression | 0.12 | 0.1375 | pass |" in text
+    assert "| mape | threshold | 0.12 | - | 0.2 | pass |" in text
+    assert "| mape | regression | 0.12 | 0.125 | 0.1375 | pass |" in text
     assert "Gate: PASSED" in text
 
 
 def test_failed_rule_is_marked():
     verdict = evaluate_gate({"mape": MetricRule(direction="minimize", threshold=0.1)}, {"mape": 0.3}, {}, None)
     text = render_proposal(proposal(verdict=verdict))
-    assert "| mape | threshold | 0.3 | 0.1 | **FAIL** |" in text
+    assert "| mape | threshold | 0.3 | - | 0.1 | **FAIL** |" in text
     assert "Current production: none (first version)" in text
 
 

@@ -50,6 +50,7 @@ def test_first_model_skips_regression_and_says_so():
     verdict = evaluate_gate(RULES, {"mape": 0.1, "r2": 0.8}, {}, None)
     assert verdict.passed
     assert any("no production model yet" in r.reason for r in verdict.results)
+    assert verdict.summary() == "PASSED: 2 rule(s) met, 1 not applicable (no production model yet)"
 
 
 @pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])

@@ -156,6 +156,9 @@ def test_first_lifecycle_promotes_and_records_everything(line):
     assert tags["audit.data_window"] == "2024-10-05..2026-10-05"
     assert tags["audit.snapshot"].endswith(".parquet")
     assert tags["audit.code_revision"]
+    from mlops_lifecycle.config import load_model_line
+
+    assert tags["audit.config_sha256"] == load_model_line(MODEL_LINES / f"{LINE}.yaml").fingerprint
     assert tags["audit.gate_verdict"] == "passed"
     assert json.loads(tags["audit.metrics"])["mape"] == pytest.approx(run.data.metrics["mape"])
     assert tags["audit.approved_by"] == "auto_approve (model-line config)"
@@ -250,6 +253,8 @@ def test_review_rejection_changes_nothing_else(line):
     assert not line.repo.is_merged(f"review/{LINE}/v{version}")
     assert line.served_version() == "1"
     assert reviewer.answered["responded_by"]["name"] == REVIEWER
+    [run] = line.runs_with_key(W3)
+    assert run.data.tags["review.verdict"] == "rejected" and run.data.tags["review.rejected_by"] == REVIEWER
 
 
 class StaleService(http.server.ThreadingHTTPServer):

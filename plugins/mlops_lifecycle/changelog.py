@@ -73,13 +73,15 @@ def render_proposal(p: Proposal) -> str:
         f"- Current production: {prod}",
         f"- Airflow: dag {md_code(p.airflow_dag_id)}, run {_link(p.airflow_run_id, p.airflow_url)}",
         "",
-        "| metric | rule | value | limit | verdict |",
-        "|---|---|---|---|---|",
+        "| metric | rule | candidate | production | limit | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for r in p.verdict.results:
         value = "missing" if r.value is None else f"{r.value:.6g}"
+        base = "-" if r.rule == "threshold" else ("none" if r.baseline is None else f"{r.baseline:.6g}")
         limit = "n/a" if r.limit is None else f"{r.limit:.6g}"
-        lines.append(f"| {md_text(r.metric)} | {r.rule} | {value} | {limit} | {'pass' if r.passed else '**FAIL**'} |")
+        verdict = ("pass" if r.passed else "**FAIL**") if r.applicable else "not applicable"
+        lines.append(f"| {md_text(r.metric)} | {r.rule} | {value} | {base} | {limit} | {verdict} |")
     lines += ["", f"Gate: {md_text(p.verdict.summary())}", "", ""]
     return "\n".join(lines)
 
@@ -106,8 +108,9 @@ def render_promotion(
         f"- Review {md_code(review_ref)}, merge commit {md_code(merge_commit)}",
         *[f"- Deployed to {md_text(env)}: {md_code(ref)}" for env, ref in deployments.items()],
         f"- Verified: {md_text(served_by)} reported version {md_text(model_version)}",
-        f"- Previous production: {'v' + previous_version if previous_version else 'none'}"
-        " (kept as the rollback target)",
+        f"- Previous production: v{previous_version} (kept as the rollback target)"
+        if previous_version
+        else "- Previous production: none (first production version)",
         "",
         "",
     ]

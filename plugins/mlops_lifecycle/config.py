@@ -172,6 +172,13 @@ class ModelLineConfig(_Strict):
         return f"{self.model_line}__lifecycle"
 
     @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the validated config: the audit record pins the exact thresholds and parameters used."""
+        import hashlib
+
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    @property
     def sql_path(self) -> Path:
         return paths.include_dir() / self.extract.sql
 

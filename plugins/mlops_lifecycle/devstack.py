@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,7 @@ class MlflowServer:
         """Start ``mlflow server`` (SQLite backend, local artifacts) unless one already answers on the port."""
         if port_open(self.port):
             wait_http(f"{self.url}/health", 10)
+            print(f"Reusing the MLflow server already on port {self.port} (is it this store, {self.store}?)")
             return self
         self.store.mkdir(parents=True, exist_ok=True)
         mlflow = Path(sys.executable).with_name("mlflow")
@@ -155,7 +156,8 @@ def run_lifecycle(dag_id: str, logical_date: datetime | None) -> LifecycleResult
     started = time.monotonic()
     dr = dag.test(logical_date=logical_date)
     seconds = time.monotonic() - started
-    tis = dr.get_task_instances()
+    far = datetime.max.replace(tzinfo=UTC)
+    tis = sorted(dr.get_task_instances(), key=lambda ti: (ti.start_date or far, ti.task_id))  # run order
     return LifecycleResult(
         dag_id=dag_id,
         run_id=dr.run_id,

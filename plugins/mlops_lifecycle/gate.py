@@ -22,6 +22,8 @@ class RuleResult:
     limit: float | None
     passed: bool
     reason: str
+    baseline: float | None = None  # the production model's value on the same holdout (regression rules)
+    applicable: bool = True  # False for a regression rule while there is no production model
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,10 @@ class GateVerdict:
     def summary(self) -> str:
         """One line: the verdict and, if rejected, every failed rule's reason."""
         if self.passed:
-            return f"PASSED: {len(self.results)} rule(s) met"
+            met = sum(r.applicable for r in self.results)
+            skipped = len(self.results) - met
+            extra = f", {skipped} not applicable (no production model yet)" if skipped else ""
+            return f"PASSED: {met} rule(s) met{extra}"
         return "REJECTED: " + "; ".join(r.reason for r in self.failures)
 
     def as_dict(self) -> dict:
@@ -85,7 +90,8 @@ def evaluate_gate(
         if rule.max_regression is not None:
             base = baseline.get(name)
             limit = None
-            if production_version is None:
+            applicable = production_version is not None
+            if not applicable:
                 ok, reason = True, f"{name}: no production model yet, regression check not applicable"
             elif not _usable(value):
                 ok, reason = False, f"{name} is {_describe(value)} (fail closed)"
@@ -101,7 +107,7 @@ def evaluate_gate(
                     f"{'within' if ok else 'exceeds'} {rule.max_regression:.1%} regression limit "
                     f"({'<=' if minimize else '>='} {limit:.6g})"
                 )
-            results.append(RuleResult(name, "regression", value, limit, ok, reason))
+            results.append(RuleResult(name, "regression", value, limit, ok, reason, base, applicable))
     return GateVerdict(
         passed=all(r.passed for r in results), results=tuple(results), production_version=production_version
     )

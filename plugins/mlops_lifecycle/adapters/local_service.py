@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,24 @@ class ServiceState:
     url: str
     log_file: str
     started_at: float
+    revision: str = ""
+
+    def answers_as_itself(self) -> bool:
+        """True if ``/version`` answers with this deployment's version and revision (not just a live pid)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/version", timeout=3) as response:
+                answer = json.loads(response.read())
+        except (OSError, ValueError):
+            return False
+        return (
+            str(answer.get("model_version")) == self.model_version and answer.get("service_revision") == self.revision
+        )
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _alive(pid: int) -> bool:
@@ -73,11 +93,21 @@ class LocalServiceDeployer:
     ) -> ServiceState:
         """Replace the line's service with one serving ``model_version``; reuse it if already so."""
         running = self.current(model_line)
-        if running and running.model_version == model_version and running.port == port:
-            log.info("Service for %s v%s already running (pid %d): reusing it", model_line, model_version, running.pid)
+        if (
+            running
+            and (running.model_version, running.port, running.revision) == (model_version, port, revision)
+            and running.answers_as_itself()
+        ):
+            log.info("Service for %s v%s already serving (pid %d): reusing it", model_line, model_version, running.pid)
             return running
         if running:
             self.stop(model_line)
+        if _port_in_use(port):
+            log.warning(
+                "Port %d is already in use by a process this deployer did not start: the new service cannot "
+                "bind it, and verification will see whatever answers there",
+                port,
+            )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log_file = self.state_dir / f"{model_line}.log"
         child_env = {
@@ -117,6 +147,7 @@ class LocalServiceDeployer:
             url=f"http://127.0.0.1:{port}",
             log_file=str(log_file),
             started_at=time.time(),
+            revision=revision,
         )
         self._state_file(model_line).write_text(json.dumps(asdict(state), indent=2))
         log.info(

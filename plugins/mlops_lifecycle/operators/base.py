@@ -66,12 +66,14 @@ class LifecycleOperator(BaseOperator):
 
 
 def code_revision() -> str:
-    """Git revision of the training code (with ``-dirty`` when it has uncommitted changes)."""
+    """Git revision of the training code, SQL and model lines (``-dirty`` with uncommitted changes)."""
     root = str(paths.include_dir())
     rev = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
     if rev.returncode != 0:
         return "unknown (not a git checkout)"
     dirty = subprocess.run(
-        ["git", "-C", root, "status", "--porcelain", "--", "training", "sql"], capture_output=True, text=True
+        ["git", "-C", root, "status", "--porcelain", "--", "training", "sql", "model_lines"],
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     return rev.stdout.strip() + ("-dirty" if dirty else "")

@@ -53,6 +53,7 @@ class LocalDeployOperator(LifecycleOperator):
         deployment_id = f"local-process:{state.pid}@{state.url}"
         return {
             "service_url": state.url,
+            "revision": commit,
             "deployments": {"production": deployment_id},
             "log_file": state.log_file,
         }
@@ -77,10 +78,17 @@ class VerifyServingOperator(LifecycleOperator):
         self.log.info(
             "Deferring: waiting up to %d s for %s/version to report v%s", timeout, url, self.candidate["model_version"]
         )
+        c = self.candidate
         self.defer(
             trigger=ServiceVersionTrigger(
                 url=url,
-                expected_version=self.candidate["model_version"],
+                expected={
+                    "model_line": c["model_line"],
+                    "model_name": c["model_name"],
+                    "model_version": c["model_version"],
+                    "run_id": c["run_id"],
+                    "service_revision": self.deployment["revision"],
+                },
                 deadline=time.time() + timeout,
                 poll_interval=self.config.deploy.poll_interval_seconds,
             ),

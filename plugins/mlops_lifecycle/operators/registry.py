@@ -84,12 +84,16 @@ class StageOperator(LifecycleOperator):
                 "audit.run_id": c["run_id"],
                 "audit.run_key": c["run_key"],
                 "audit.code_revision": c["code_revision"],
+                "audit.config_sha256": self.config.fingerprint,
                 "audit.data_window": c["window"],
                 "audit.holdout_start": c["holdout_start"],
                 "audit.snapshot": c["snapshot"],
                 "audit.metrics": json.dumps(self.verdict["metrics"], sort_keys=True),
                 "audit.gate": json.dumps(
-                    [{k: r[k] for k in ("metric", "rule", "value", "limit", "passed")} for r in self.verdict["results"]]
+                    [
+                        {k: r[k] for k in ("metric", "rule", "value", "baseline", "limit", "passed")}
+                        for r in self.verdict["results"]
+                    ]
                 ),
                 "audit.gate_verdict": "passed",
                 "audit.gated_against_production": c["production_version"] or "none",

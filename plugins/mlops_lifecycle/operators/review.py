@@ -141,8 +141,14 @@ class ReviewApprovalOperator(LifecycleOperator, ApprovalOperator):
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         payload = HITLOperator.execute_complete(self, context, event)
         who = (payload.get("responded_by_user") or {}).get("name") or "unknown"
-        if payload["chosen_options"] != [self.APPROVE]:
-            c = self.candidate
+        c = self.candidate
+        at = payload["responded_at"].isoformat(timespec="seconds")
+        verdict = "approved" if payload["chosen_options"] == [self.APPROVE] else "rejected"
+        # the decision is recorded on the run (tracking), so a rejected candidate says who rejected it
+        self.registry.set_run_tags(
+            c["run_id"], {"review.verdict": verdict, f"review.{verdict}_by": who, f"review.{verdict}_at": at}
+        )
+        if verdict == "rejected":
             raise ReviewRejected(
                 f"Review {self.review['review_id']} of {c['model_name']} v{c['model_version']} rejected by "
                 f"{who}: nothing merged, deployed or promoted; restore_staging puts the staging alias back"

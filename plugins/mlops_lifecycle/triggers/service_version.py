@@ -1,25 +1,38 @@
-"""Wait, in the triggerer, until a service's ``/version`` reports the expected model version.
+"""Wait, in the triggerer, until a service's ``/version`` reports exactly the expected identity.
+
+Identity is every field in ``expected`` (model line, registered name, version, MLflow run id and the
+deployment revision it was started from), so another process answering on the same address, or a
+stale deployment of the same version, never passes for ours.
 
 Holds only serialisable values; the deadline is absolute so a triggerer restart does not extend it.
 Yields exactly one event: ``success`` with what was served, or ``timeout`` with the last thing seen
-(wrong version, error, connection refused) so the failure says why in one line.
+(which fields differ, an HTTP error, connection refused) so the failure says why in one line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
+def identity_mismatch(answer: Mapping[str, Any], expected: Mapping[str, str]) -> list[str]:
+    """Fields of ``answer`` that differ from ``expected``, as readable ``field X (expected Y)`` parts."""
+    return [
+        f"{field} {answer.get(field)!s} (expected {value})"
+        for field, value in expected.items()
+        if str(answer.get(field)) != str(value)
+    ]
+
+
 class ServiceVersionTrigger(BaseTrigger):
-    def __init__(self, url: str, expected_version: str, deadline: float, poll_interval: float = 2.0) -> None:
+    def __init__(self, url: str, expected: dict[str, str], deadline: float, poll_interval: float = 2.0) -> None:
         super().__init__()
         self.url = url
-        self.expected_version = str(expected_version)
+        self.expected = {k: str(v) for k, v in expected.items()}
         self.deadline = deadline
         self.poll_interval = poll_interval
 
@@ -28,7 +41,7 @@ class ServiceVersionTrigger(BaseTrigger):
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
                 "url": self.url,
-                "expected_version": self.expected_version,
+                "expected": self.expected,
                 "deadline": self.deadline,
                 "poll_interval": self.poll_interval,
             },
@@ -38,21 +51,21 @@ class ServiceVersionTrigger(BaseTrigger):
         import httpx
 
         endpoint = f"{self.url.rstrip('/')}/version"
-        self.log.info("Waiting for %s to report model version %s", endpoint, self.expected_version)
+        self.log.info("Waiting for %s to report %s", endpoint, self.expected)
         last_seen = "no answer yet"
         async with httpx.AsyncClient(timeout=5.0) as client:
             while True:
-                seen = await self._observe(client, endpoint)
+                matched, seen = await self._observe(client, endpoint)
                 if seen != last_seen:
                     self.log.info("%s: %s", endpoint, seen)
                     last_seen = seen
-                if seen == f"version {self.expected_version}":
+                if matched:
                     yield TriggerEvent(
                         {
                             "status": "success",
-                            "served_version": self.expected_version,
+                            "served_version": self.expected.get("model_version"),
                             "url": self.url,
-                            "message": f"{endpoint} reports version {self.expected_version}",
+                            "message": f"{endpoint} reports {seen}",
                         }
                     )
                     return
@@ -61,26 +74,30 @@ class ServiceVersionTrigger(BaseTrigger):
                         {
                             "status": "timeout",
                             "url": self.url,
-                            "message": (
-                                f"{endpoint} did not report version {self.expected_version} in time; "
-                                f"last seen: {last_seen}"
-                            ),
+                            "message": f"{endpoint} did not report the approved deployment in time; last seen: {seen}",
                         }
                     )
                     return
                 await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
 
-    @staticmethod
-    async def _observe(client: Any, endpoint: str) -> str:
+    async def _observe(self, client: Any, endpoint: str) -> tuple[bool, str]:
         import httpx
 
         try:
             response = await client.get(endpoint)
         except httpx.HTTPError as exc:
-            return f"unreachable ({type(exc).__name__})"
+            return False, f"unreachable ({type(exc).__name__})"
         if response.status_code != 200:
-            return f"HTTP {response.status_code}"
+            return False, f"HTTP {response.status_code}"
         try:
-            return f"version {response.json()['model_version']}"
-        except (ValueError, KeyError, TypeError):
-            return "an answer without model_version"
+            answer = response.json()
+        except ValueError:
+            return False, "an answer that is not JSON"
+        if not isinstance(answer, dict):
+            return False, "an answer that is not a JSON object"
+        wrong = identity_mismatch(answer, self.expected)
+        if wrong:
+            return False, "a different deployment: " + ", ".join(wrong)
+        return True, f"version {answer.get('model_version')} of {answer.get('model_name')} at revision " + str(
+            answer.get("service_revision")
+        )
