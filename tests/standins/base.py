@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 class Request:
     method: str
     path: str  # decoded path, without the query string
+    raw_path: str  # as sent (percent-encoding kept): GitLab project ids like group%2Frepo
     query: dict[str, list[str]]
     headers: dict[str, str]
     body: bytes
@@ -84,7 +85,7 @@ class StandIn:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.log: list[Request] = []
-        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        self._routes: list[tuple[str, re.Pattern[str], Handler, bool]] = []
         self._faults: list[tuple[str, re.Pattern[str], Fault, list[int]]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -132,9 +133,10 @@ class StandIn:
         return f"http://127.0.0.1:{self.port}"
 
     # -- routes, faults, request log ---------------------------------------------------------
-    def route(self, method: str, pattern: str, handler: Handler) -> None:
-        """``pattern`` is a regex on the decoded path with named groups passed to ``handler(req, **groups)``."""
-        self._routes.append((method.upper(), re.compile(f"^{pattern}$"), handler))
+    def route(self, method: str, pattern: str, handler: Handler, raw: bool = False) -> None:
+        """``pattern``: regex on the decoded path (``raw=True``: on the path as sent, percent-encoding
+        kept); its named groups, decoded, are passed to ``handler(req, **groups)``."""
+        self._routes.append((method.upper(), re.compile(f"^{pattern}$"), handler, raw))
 
     def inject(self, method: str, pattern: str, fault: Fault, times: int = 1) -> None:
         """The next ``times`` requests matching ``method`` and path regex ``pattern`` get ``fault``."""
@@ -164,6 +166,7 @@ class StandIn:
         request = Request(
             method=http.command,
             path=unquote(parts.path),
+            raw_path=parts.path,
             query=parse_qs(parts.query),
             headers={k.lower(): v for k, v in http.headers.items()},
             body=body,
@@ -191,15 +194,16 @@ class StandIn:
 
     def _call(self, request: Request, method: str) -> Response:
         allowed = False
-        for m, regex, handler in self._routes:
-            match = regex.match(request.path)
+        for m, regex, handler, raw in self._routes:
+            match = regex.match(request.raw_path if raw else request.path)
             if match is None:
                 continue
             allowed = True
             if m != method:
                 continue
+            groups = {k: unquote(v) if v is not None else None for k, v in match.groupdict().items()}
             try:
-                return handler(request, **match.groupdict())
+                return handler(request, **groups)
             except Exception as exc:  # a stand-in bug must be visible to the test, as a 500 with the cause
                 return Response(500, {"message": f"stand-in error: {type(exc).__name__}: {exc}"})
         if allowed:
