@@ -64,7 +64,7 @@ CASES = {
     ),
     "unknown_warehouse": (
         lambda d: d["extract"].update(warehouse="snowflake"),
-        "extract.warehouse: Input should be 'duckdb' (got 'snowflake')",
+        "extract.warehouse: Input should be one of 'duckdb', 'bigquery' (got 'snowflake')",
     ),
     "missing_sql": (lambda d: d["extract"].update(sql="sql/nope.sql"), "extract.sql: file"),
     "sql_table_undeclared": (
@@ -115,13 +115,86 @@ CASES = {
     ),
     "review_backend": (
         lambda d: d["review"].update(backend="github"),
-        "review.backend: Input should be 'local_git' (got 'github')",
+        "review.backend: Input should be one of 'local_git', 'gitlab' (got 'github')",
     ),
     "retries_negative": (
         lambda d: d.update(retries=-1),
         "retries: Input should be greater than or equal to 0 (got -1)",
     ),
 }
+
+
+PRODUCTION = yaml.safe_load((paths.include_dir() / "examples" / "production" / "demand_forecast.yaml").read_text())
+
+PRODUCTION_CASES = {
+    "bq_table_not_qualified": (
+        lambda d: d["extract"]["tables"].update(daily_demand="daily_demand"),
+        "extract.tables: BigQuery tables must be fully qualified as project.dataset.table",
+    ),
+    "bq_missing_location": (lambda d: d["extract"].pop("location"), "extract.location: required field is missing"),
+    "bq_unknown_key_lists_bigquery_keys": (
+        lambda d: d["extract"].update(region="EU"),
+        "extract.region: unknown key (allowed keys here: dataset, gcp_conn_id, location,",
+    ),
+    "duckdb_key_on_bigquery": (
+        lambda d: d["extract"].update(project="Bad_Project"),
+        "extract.project: String should match pattern",
+    ),
+    "databricks_job_and_cluster": (
+        lambda d: d["train"].update(job_id=42),
+        "train: job_id runs an existing job: drop cluster, existing_cluster_id, source and wheel",
+    ),
+    "databricks_no_cluster": (
+        lambda d: d["train"].pop("cluster"),
+        "train: a one-time run needs exactly one of 'cluster' (a job cluster) or 'existing_cluster_id'",
+    ),
+    "databricks_no_source": (
+        lambda d: d["train"].pop("source"),
+        "train: task 'python_file' needs 'source' (git_url, git_provider)",
+    ),
+    "databricks_bad_provider": (
+        lambda d: d["train"]["source"].update(git_provider="gitlab"),
+        "train.source.git_provider: Input should be 'gitHub', 'gitHubEnterprise', 'gitLab'",
+    ),
+    "databricks_secret_shape": (
+        lambda d: d["train"].update(mlflow_token_secret="just-a-token-value"),
+        "train.mlflow_token_secret: String should match pattern",
+    ),
+    "gitlab_project_path": (
+        lambda d: d["review"].update(project="model-deployments"),
+        "review.project: String should match pattern",
+    ),
+    "gitlab_auto_approve_not_allowed": (
+        lambda d: d["review"].update(auto_approve=True),
+        "review.auto_approve: unknown key (allowed keys here: backend, gitlab_conn_id, labels, min_approvals,",
+    ),
+    "gitlab_ci_needs_service_url": (
+        lambda d: d["deploy"].update(service_url="demand-forecast.models.example.com"),
+        "deploy.service_url: String should match pattern",
+    ),
+    "gitlab_review_with_local_deploy": (
+        lambda d: d.update(deploy={"backend": "local_process", "port": 8601}),
+        "review.backend 'gitlab' and deploy.backend 'local_process' do not go together",
+    ),
+}
+
+
+def test_production_example_is_valid():
+    config = load_model_line(paths.include_dir() / "examples" / "production" / "demand_forecast.yaml")
+    assert (config.extract.warehouse, config.train.backend) == ("bigquery", "databricks")
+    assert (config.review.backend, config.deploy.backend) == ("gitlab", "gitlab_ci")
+
+
+@pytest.mark.parametrize("case", sorted(PRODUCTION_CASES))
+def test_each_production_rule_fails_with_a_message_naming_file_and_field(tmp_path, case):
+    edit, expected = PRODUCTION_CASES[case]
+    data = copy.deepcopy(PRODUCTION)
+    edit(data)
+    path = write(tmp_path, "demand_forecast", data)
+    with pytest.raises(ModelLineConfigError) as info:
+        load_model_line(path)
+    assert str(path) in str(info.value)
+    assert expected in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from datetime import date
 from pathlib import Path
+from types import UnionType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -21,6 +22,8 @@ from mlops_lifecycle.exceptions import ModelLineConfigError
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{2,48}$"
 ALIAS_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_-]{0,62}$"
+GCP_PROJECT_PATTERN = r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$"
+BQ_TABLE_PATTERN = r"[a-z][a-z0-9-]{4,28}[a-z0-9]\.[A-Za-z0-9_]+\.[A-Za-z0-9_$-]+"
 SQL_TABLE_REF = re.compile(r"{{\s*tables\.([A-Za-z_][A-Za-z0-9_]*)\s*}}")
 
 
@@ -64,18 +67,113 @@ class Window(_Strict):
         return self
 
 
-class Extract(_Strict):
-    warehouse: Literal["duckdb"] = Field(description="duckdb (embedded local adapter).")
+class _ExtractCommon(_Strict):
     sql: str = Field(description="Feature SQL in BigQuery dialect, relative to include/.")
     tables: dict[str, str] = Field(min_length=1, description="Names used as {{ tables.NAME }} in the SQL.")
 
 
-class Train(_Strict):
-    backend: Literal["local_process"]
+class ExtractDuckDB(_ExtractCommon):
+    """Embedded local adapter: DuckDB over generated sample data."""
+
+    warehouse: Literal["duckdb"]
+
+
+class ExtractBigQuery(_ExtractCommon):
+    """Production adapter: a BigQuery query job materialises one snapshot table per data window."""
+
+    warehouse: Literal["bigquery"]
+    project: str = Field(pattern=GCP_PROJECT_PATTERN, description="Project that runs the jobs and holds snapshots.")
+    dataset: str = Field(pattern=r"^[A-Za-z0-9_]{1,1024}$", description="Dataset for the snapshot tables.")
+    location: str = Field(min_length=2, description="BigQuery location of the jobs and the dataset (EU, US, ...).")
+    gcp_conn_id: str = "google_cloud_default"
+    poll_interval_seconds: float = Field(default=4.0, gt=0, le=600)
+
+    @field_validator("tables")
+    @classmethod
+    def _fully_qualified(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = {k: v for k, v in value.items() if not re.fullmatch(BQ_TABLE_PATTERN, v)}
+        if bad:
+            raise ValueError(f"BigQuery tables must be fully qualified as project.dataset.table, got {bad}")
+        return value
+
+
+Extract = Annotated[ExtractDuckDB | ExtractBigQuery, Field(discriminator="warehouse")]
+
+
+class _TrainCommon(_Strict):
     entrypoint: str = Field(description="Training script, relative to include/.")
     target: str = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     timeout_minutes: int = Field(default=60, ge=1, le=24 * 60)
+
+
+class TrainLocal(_TrainCommon):
+    """Embedded local adapter: the entrypoint in a local process."""
+
+    backend: Literal["local_process"]
+
+
+class DatabricksGitSource(_Strict):
+    """How the entrypoint reaches the workspace: the run checks out the training code revision from git."""
+
+    git_url: str = Field(min_length=1, description="Repository holding this package (Databricks git_source).")
+    git_provider: Literal[
+        "gitHub",
+        "gitHubEnterprise",
+        "gitLab",
+        "gitLabEnterpriseEdition",
+        "bitbucketCloud",
+        "bitbucketServer",
+        "azureDevOpsServices",
+        "awsCodeCommit",
+    ] = "gitLab"
+    include_path: str = Field(default="include", description="Folder of include/ inside that repository.")
+
+
+class TrainDatabricks(_TrainCommon):
+    """Production adapter: a Databricks run (one-time on a job cluster, or run-now of an existing job)."""
+
+    backend: Literal["databricks"]
+    databricks_conn_id: str = "databricks_default"
+    job_id: int | None = Field(default=None, ge=1, description="Run-now of this existing job, not a one-time run.")
+    task: Literal["python_file", "notebook", "wheel"] = Field(
+        default="python_file", description="Task type of a one-time run."
+    )
+    cluster: dict[str, Any] | None = Field(default=None, description="Job cluster spec (Databricks new_cluster).")
+    existing_cluster_id: str | None = None
+    source: DatabricksGitSource | None = None
+    wheel: dict[str, str] | None = Field(default=None, description="package_name and entry_point of a wheel task.")
+    libraries: list[dict[str, Any]] = Field(default_factory=list)
+    mlflow_token_secret: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
+        description="Databricks secret scope/key holding the token of a self-hosted MLflow (never in job params).",
+    )
+    poll_interval_seconds: float = Field(default=30.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _one_way_to_run(self) -> TrainDatabricks:
+        if self.job_id is not None:
+            if self.cluster or self.existing_cluster_id or self.source or self.wheel:
+                raise ValueError(
+                    "job_id runs an existing job: drop cluster, existing_cluster_id, source and wheel "
+                    "(the job defines them)"
+                )
+            return self
+        if (self.cluster is None) == (self.existing_cluster_id is None):
+            raise ValueError("a one-time run needs exactly one of 'cluster' (a job cluster) or 'existing_cluster_id'")
+        if self.task == "wheel":
+            if not self.wheel or set(self.wheel) != {"package_name", "entry_point"}:
+                raise ValueError("task 'wheel' needs wheel: {package_name: ..., entry_point: ...}")
+        elif self.source is None:
+            raise ValueError(
+                f"task '{self.task}' needs 'source' (git_url, git_provider): the run checks out the "
+                "entrypoint at the training code revision"
+            )
+        return self
+
+
+Train = Annotated[TrainLocal | TrainDatabricks, Field(discriminator="backend")]
 
 
 class Registry(_Strict):
@@ -114,26 +212,44 @@ class Gate(_Strict):
     metrics: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], MetricRule] = Field(min_length=1)
 
 
-class Review(_Strict):
-    backend: Literal["local_git"]
-    repository: str = Field(default="deploy-repo", description="Deployment repository, relative to the local home.")
-    auto_approve: bool = Field(default=False, description="Approve without a human (demo and tests).")
+class _ReviewCommon(_Strict):
     reviewers: list[str] = Field(default_factory=list)
     timeout_hours: float = Field(
         default=72, gt=0, le=24 * 30, description="No answer by then fails the review (nothing merged)."
     )
 
 
-class Deploy(_Strict):
-    backend: Literal["local_process"]
+class ReviewLocalGit(_ReviewCommon):
+    """Embedded local adapter: a branch of a local git repository + Airflow human-in-the-loop approval."""
+
+    backend: Literal["local_git"]
+    repository: str = Field(default="deploy-repo", description="Deployment repository, relative to the local home.")
+    auto_approve: bool = Field(default=False, description="Approve without a human (demo and tests).")
+
+
+class ReviewGitLab(_ReviewCommon):
+    """Production adapter: a merge request in the GitLab deployment repository."""
+
+    backend: Literal["gitlab"]
+    gitlab_conn_id: str = "gitlab_default"
+    project: str = Field(pattern=r"^[\w.-]+(/[\w.-]+)+$", description="Deployment repository path (group/name).")
+    target_branch: str = Field(default="main", min_length=1)
+    labels: list[str] = Field(default_factory=lambda: ["model-promotion"])
+    min_approvals: int = Field(default=1, ge=1, le=10, description="Approvals by people other than the author.")
+    poll_interval_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+
+Review = Annotated[ReviewLocalGit | ReviewGitLab, Field(discriminator="backend")]
+
+
+class _DeployCommon(_Strict):
     environments: list[str] = Field(
         default_factory=lambda: ["dev", "staging", "production"],
         min_length=1,
-        description="Deployment order; locally one service process stands for the last one.",
+        description="Deployment order; the last one is production.",
     )
-    port: int = Field(ge=1024, le=65535, description="Loopback port of the local production service.")
     verify_timeout_seconds: int = Field(default=300, ge=5, le=24 * 3600)
-    poll_interval_seconds: float = Field(default=2.0, gt=0, le=300)
+    poll_interval_seconds: float = Field(default=2.0, gt=0, le=600)
 
     @field_validator("environments")
     @classmethod
@@ -143,6 +259,25 @@ class Deploy(_Strict):
         if value[-1] != "production":
             raise ValueError(f"the last environment must be 'production', got {value}")
         return value
+
+
+class DeployLocal(_DeployCommon):
+    """Embedded local adapter: one service process stands for the last environment."""
+
+    backend: Literal["local_process"]
+    port: int = Field(ge=1024, le=65535, description="Loopback port of the local production service.")
+
+
+class DeployGitLabCI(_DeployCommon):
+    """Production adapter: the deployment repository's GitLab CI deploys to each environment in order."""
+
+    backend: Literal["gitlab_ci"]
+    service_url: str = Field(pattern=r"^https?://\S+$", description="Base URL of the production service.")
+    pipeline_timeout_minutes: int = Field(default=60, ge=1, le=24 * 60)
+    deployment_timeout_minutes: int = Field(default=120, ge=1, le=7 * 24 * 60)
+
+
+Deploy = Annotated[DeployLocal | DeployGitLabCI, Field(discriminator="backend")]
 
 
 class Alerting(_Strict):
@@ -203,19 +338,60 @@ class ModelLineConfig(_Strict):
             problems.append(
                 f"train.entrypoint: file {self.entrypoint_path} does not exist (paths are relative to include/)"
             )
+        if (self.review.backend == "gitlab") != (self.deploy.backend == "gitlab_ci"):
+            problems.append(
+                f"review.backend '{self.review.backend}' and deploy.backend '{self.deploy.backend}' do not go "
+                "together: GitLab CI deploys what a GitLab merge request merged (gitlab + gitlab_ci), and the "
+                "local service deploys what the local git review merged (local_git + local_process)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], Any]:
+    """Follow ``loc`` through the schema: the path to show (union tags dropped) and the type reached.
+
+    For a tagged union (``extract.warehouse`` and the like) pydantic puts the tag in the location
+    (``extract.bigquery.project``); users wrote ``extract.project``, so the tag is not shown.
+    """
+    import typing
+
+    shown: list[str] = []
+    current: Any = model
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        shown.append(str(part))
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            current = None
+            continue
+        field = current.model_fields.get(str(part))
+        current = field.annotation if field is not None else None
+        members = typing.get_args(current) if typing.get_origin(current) in (typing.Union, UnionType) else ()
+        if members and field is not None and field.discriminator and parts:
+            tag = parts.pop(0)
+            current = next(
+                (m for m in members if tag in typing.get_args(m.model_fields[field.discriminator].annotation)), None
+            )
+    return shown, current
+
+
 def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
-    loc = ".".join(str(part) for part in error["loc"])
+    shown, _ = _walk(model, error["loc"])
+    loc = ".".join(shown)
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, error["loc"][:-1])
         hint = f" (allowed keys here: {', '.join(allowed)})" if allowed else ""
         return f"{loc}: unknown key{hint}"
     if error["type"] == "missing":
         return f"{loc}: required field is missing"
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        ctx = error.get("ctx", {})
+        return (
+            f"{loc}.{ctx.get('discriminator', '?').strip(chr(39))}: Input should be one of "
+            f"{ctx.get('expected_tags', '?')} (got {ctx.get('tag', 'nothing')!r})"
+        )
     message = error["msg"].removeprefix("Value error, ")
     if not loc:  # cross-field checks name their own fields
         return message
@@ -226,15 +402,8 @@ def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Walk the schema along ``loc`` to list the keys allowed where an unknown key was found."""
-    current: Any = model
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return []
-        current = field.annotation
+    """The keys allowed where an unknown key was found."""
+    _, current = _walk(model, loc)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return sorted(current.model_fields)
     return []
@@ -283,8 +452,10 @@ def load_model_lines(
         clashes = []
         for field, value in (
             ("registry.model_name", config.registry.model_name),
-            ("deploy.port", config.deploy.port),
+            ("deploy.port", getattr(config.deploy, "port", None)),
         ):
+            if value is None:
+                continue
             first = owners.setdefault((field, value), config.model_line)
             if first != config.model_line:
                 clashes.append(f"{field}: {value!r} is already used by model line '{first}'")

@@ -65,7 +65,12 @@ def _doc(config: ModelLineConfig) -> str:
         f"{rule.max_regression if rule.max_regression is not None else '-'} |"
         for name, rule in config.gate.metrics.items()
     )
-    review = "automatic approval" if config.review.auto_approve else "human approval under Required Actions"
+    if config.review.backend == "gitlab":
+        review = f"GitLab merge request in `{config.review.project}`, deployed by its CI"
+    elif config.review.auto_approve:
+        review = "automatic approval"
+    else:
+        review = "human approval under Required Actions"
     return (
         f"# {config.model_line}\n\n{config.description}\n\n"
         f"Owner: **{config.owner.team}**. Registered model `{config.registry.model_name}`, experiment "
