@@ -51,6 +51,7 @@ class Proposal:
     airflow_dag_id: str
     airflow_run_id: str
     airflow_url: str | None = None
+    model_version_url: str | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -64,7 +65,7 @@ def render_proposal(p: Proposal) -> str:
     lines = [
         entry_heading(p.model_line, p.model_version, "proposed for production"),
         "",
-        f"- Registered model: {md_code(p.model_name)} version {md_text(p.model_version)}",
+        f"- Registered model: {md_code(p.model_name)} {_link('version ' + p.model_version, p.model_version_url)}",
         f"- MLflow run: {_link(p.run_id, p.run_url)}",
         f"- Data window: {md_text(p.window_label)} (holdout from {md_text(p.holdout_start)}), "
         f"snapshot {md_code(p.snapshot)}",
@@ -84,6 +85,20 @@ def render_proposal(p: Proposal) -> str:
         lines.append(f"| {md_text(r.metric)} | {r.rule} | {value} | {base} | {limit} | {verdict} |")
     lines += ["", f"Gate: {md_text(p.verdict.summary())}", "", ""]
     return "\n".join(lines)
+
+
+def render_merge_request(p: Proposal, reviewers: list[str], min_approvals: int) -> str:
+    """The merge request description: the proposal, then what merging it does and who must approve."""
+    who = ", ".join(md_text(r) for r in reviewers) or "the code owners"
+    body = render_proposal(p).split("\n", 1)[1].strip()  # the MR title already says what the heading says
+    return (
+        f"{body}\n\n---\n\n"
+        f"Merging deploys {md_code(p.model_name)} version {md_text(p.model_version)} through this repository's "
+        f"pipeline to each environment in order; the lifecycle then checks that production serves it and moves "
+        f"the MLflow production alias.\n\n"
+        f"Needs {min_approvals} approval(s) from someone other than the author ({who}). Closing this merge "
+        f"request stops the run and leaves the registry as it is.\n"
+    )
 
 
 def render_promotion(

@@ -1,10 +1,14 @@
 """Build each model line's DAGs from its validated config. Parse-time only: no network, no heavy imports.
 
-The lifecycle DAG::
+The lifecycle DAG (local review and deploy)::
 
     extract >> train >> gate >> stage >> open_review >> approve_review >> merge_review
             >> deploy >> verify_serving >> promote
     (approve_review, merge_review, deploy, verify_serving) --one_failed--> restore_staging
+
+with GitLab (review.backend gitlab, deploy.backend gitlab_ci) the middle becomes::
+
+    open_review (MR) >> await_merge >> await_pipeline >> await_deployments >> verify_serving
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from mlops_lifecycle.config import ModelLineConfig, load_model_lines
 from mlops_lifecycle.exceptions import ModelLineConfigError
 from mlops_lifecycle.operators.data import ExtractOperator, TrainOperator
 from mlops_lifecycle.operators.deploy import LocalDeployOperator, VerifyServingOperator
+from mlops_lifecycle.operators.gitlab import (
+    AwaitDeploymentsOperator,
+    AwaitMergeOperator,
+    AwaitPipelineOperator,
+    OpenMergeRequestOperator,
+)
 from mlops_lifecycle.operators.registry import (
     GateOperator,
     PromoteOperator,
@@ -111,12 +121,27 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         )
         gate = GateOperator(task_id="gate", candidate=train.output, **common)
         stage = StageOperator(task_id="stage", candidate=train.output, verdict=gate.output, **common)
-        review = OpenReviewOperator(task_id="open_review", candidate=train.output, verdict=gate.output, **common)
-        approval = ReviewApprovalOperator(
-            task_id="approve_review", review=review.output, candidate=train.output, **common
-        )
-        merge = MergeReviewOperator(task_id="merge_review", review=review.output, approval=approval.output, **common)
-        deploy = LocalDeployOperator(task_id="deploy", candidate=train.output, merge=merge.output, **common)
+        if config.review.backend == "gitlab":
+            review = OpenMergeRequestOperator(
+                task_id="open_review", candidate=train.output, verdict=gate.output, **common
+            )
+            merged = AwaitMergeOperator(task_id="await_merge", review=review.output, candidate=train.output, **common)
+            approval = merge = merged
+            pipeline = AwaitPipelineOperator(task_id="await_pipeline", merge=merged.output, **common)
+            deploy = AwaitDeploymentsOperator(
+                task_id="await_deployments", merge=merged.output, pipeline=pipeline.output, **common
+            )
+            may_fail = [merged, pipeline, deploy]
+        else:
+            review = OpenReviewOperator(task_id="open_review", candidate=train.output, verdict=gate.output, **common)
+            approval = ReviewApprovalOperator(
+                task_id="approve_review", review=review.output, candidate=train.output, **common
+            )
+            merge = MergeReviewOperator(
+                task_id="merge_review", review=review.output, approval=approval.output, **common
+            )
+            deploy = LocalDeployOperator(task_id="deploy", candidate=train.output, merge=merge.output, **common)
+            may_fail = [approval, merge, deploy]
         verify = VerifyServingOperator(
             task_id="verify_serving", candidate=train.output, deployment=deploy.output, **common
         )
@@ -136,7 +161,7 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
             task_id="restore_staging", trigger_rule=TriggerRule.ONE_FAILED, retries=0, **common
         )
         # promote stays a leaf, so the run still ends failed when restore_staging succeeds
-        [approval, merge, deploy, verify] >> restore
+        [*may_fail, verify] >> restore
     return dag
 
 

@@ -50,6 +50,10 @@ class TrainingInputError(LifecycleDecision):
     """
 
 
+class DeliveryFailed(LifecycleDecision):
+    """The deployment repository's pipeline or a deployment failed: a new merge is needed, not a retry."""
+
+
 class DeploymentFailed(LifecycleError):
     """The deployment did not come up serving the approved version in time."""
 

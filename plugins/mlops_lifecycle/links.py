@@ -35,3 +35,13 @@ class MlflowModelVersionLink(_RecordedLink):
 class ServiceVersionLink(_RecordedLink):
     name = "Service /version"
     key = "service_version"
+
+
+class GitLabMergeRequestLink(_RecordedLink):
+    name = "GitLab merge request"
+    key = "gitlab_merge_request"
+
+
+class GitLabPipelineLink(_RecordedLink):
+    name = "GitLab pipeline"
+    key = "gitlab_pipeline"

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from mlops_lifecycle.adapters.local_git import LocalGitRepository
+    from mlops_lifecycle.hooks.gitlab import GitLabDeploymentRepository, GitLabHook
     from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
 
 
@@ -56,10 +57,25 @@ class LifecycleOperator(BaseOperator):
         return MlflowRegistryHook(self.mlflow_conn_id)
 
     @cached_property
-    def deployment_repo(self) -> LocalGitRepository:
+    def deployment_repo(self) -> LocalGitRepository | GitLabDeploymentRepository:
+        """The deployment repository: a GitLab project, or the embedded local git repository."""
+        review = self.config.review
+        if review.backend == "gitlab":
+            from mlops_lifecycle.hooks.gitlab import GitLabDeploymentRepository
+
+            return GitLabDeploymentRepository(self.gitlab, review.project, review.target_branch)
         from mlops_lifecycle.adapters.local_git import LocalGitRepository
 
-        return LocalGitRepository(paths.local_home() / self.config.review.repository)
+        return LocalGitRepository(paths.local_home() / review.repository)
+
+    @cached_property
+    def gitlab(self) -> GitLabHook:
+        from mlops_lifecycle.hooks.gitlab import GitLabHook
+
+        review = self.config.review
+        if review.backend != "gitlab":
+            raise TypeError(f"{self.config.model_line}: review.backend is {review.backend}, not gitlab")
+        return GitLabHook(review.gitlab_conn_id)
 
     def model_version_url(self, version: str) -> str | None:
         return self.registry.model_version_url(self.config.registry.model_name, version)

@@ -198,6 +198,12 @@ class PromoteOperator(LifecycleOperator):
                 "audit.approved_at": self.approval["approved_at"],
                 "audit.merge_commit": self.merge["merge_commit"],
                 "audit.deployments": json.dumps(self.deployment["deployments"], sort_keys=True),
+                **(
+                    {"audit.pipeline_id": str(self.deployment["pipeline_id"])}
+                    if "pipeline_id" in self.deployment
+                    else {}
+                ),
+                **({"audit.review_url": self.review["web_url"]} if self.review.get("web_url") else {}),
                 "audit.verified": f"{self.verification['url']} reported v{version}",
                 "audit.previous_production_version": expected or "none",
                 "audit.promoted_by": promoted_by,

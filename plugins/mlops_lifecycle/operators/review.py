@@ -20,6 +20,7 @@ from mlops_lifecycle.operators.base import LifecycleOperator
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from mlops_lifecycle.changelog import Proposal
     from mlops_lifecycle.config import ModelLineConfig
 
 AUTO_APPROVER = "auto_approve (model-line config)"
@@ -49,7 +50,13 @@ class OpenReviewOperator(LifecycleOperator):
         self.verdict = verdict
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from mlops_lifecycle.changelog import Proposal, render_pin, render_proposal
+        proposal = self.proposal(context)
+        branch, commit = self.commit_proposal(proposal)
+        self.log.info("Review %s at commit %s in %s", branch, commit, self.deployment_repo.path)
+        return {"review_id": branch, "branch": branch, "commit": commit, "repository": str(self.deployment_repo.path)}
+
+    def proposal(self, context: Context) -> Proposal:
+        from mlops_lifecycle.changelog import Proposal
         from mlops_lifecycle.gate import GateVerdict, RuleResult
 
         c = self.candidate
@@ -61,7 +68,7 @@ class OpenReviewOperator(LifecycleOperator):
             production_version=self.verdict["production_version"],
         )
         ids = self.airflow_ids(context)
-        proposal = Proposal(
+        return Proposal(
             model_line=c["model_line"],
             model_name=c["model_name"],
             model_version=c["model_version"],
@@ -75,7 +82,15 @@ class OpenReviewOperator(LifecycleOperator):
             verdict=verdict,
             airflow_dag_id=ids["airflow.dag_id"],
             airflow_run_id=ids["airflow.run_id"],
+            airflow_url=airflow_run_url(ids["airflow.dag_id"], ids["airflow.run_id"]),
+            model_version_url=self.model_version_url(c["model_version"]),
         )
+
+    def commit_proposal(self, proposal: Proposal) -> tuple[str, str]:
+        """Commit the changelog entry and the version pin on the review branch: (branch, commit)."""
+        from mlops_lifecycle.changelog import render_pin, render_proposal
+
+        c = self.candidate
         branch = review_branch(c["model_line"], c["model_version"])
         commit = self.deployment_repo.open_review(
             branch,
@@ -85,8 +100,17 @@ class OpenReviewOperator(LifecycleOperator):
             append={changelog_path(c["model_line"]): render_proposal(proposal)},
             message=f"{c['model_line']}: propose v{c['model_version']} for production",
         )
-        self.log.info("Review %s at commit %s in %s", branch, commit, self.deployment_repo.path)
-        return {"review_id": branch, "commit": commit, "repository": str(self.deployment_repo.path)}
+        return branch, commit
+
+
+def airflow_run_url(dag_id: str, run_id: str) -> str | None:
+    """Link to the DAG run in the Airflow UI ([api] base_url), for changelogs and merge requests."""
+    from urllib.parse import quote
+
+    from airflow.configuration import conf
+
+    base = conf.get("api", "base_url", fallback="") or ""
+    return f"{base.rstrip('/')}/dags/{quote(dag_id)}/runs/{quote(run_id)}" if base.startswith("http") else None
 
 
 def changelog_entry(text: str, heading: str) -> str:
