@@ -126,7 +126,7 @@ def parse_args(line: ModelLine, argv: list[str] | None = None) -> argparse.Names
         description="Train one model line on a data-window snapshot, log it to MLflow and register it."
     )
     add = parser.add_argument
-    add("--snapshot", required=True, help="Parquet file: a date column, the features and the target.")
+    add("--snapshot", required=True, help="Parquet file or bq://project.dataset.table: date, features, target.")
     add("--run-key", required=True, help="Deterministic key of this lifecycle step (idempotency).")
     add("--model-line", required=True)
     add("--experiment", required=True, help="MLflow experiment name; created if missing.")
@@ -192,6 +192,30 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
 # --- data -------------------------------------------------------------------------------------
 
 
+def load_snapshot(uri: str) -> pd.DataFrame:
+    """A parquet file (local adapter) or ``bq://project.dataset.table`` (BigQuery snapshot table).
+
+    BigQuery is read with google-cloud-bigquery and the cluster's default credentials (on
+    Databricks: the cluster's service account); ``BIGQUERY_EMULATOR_HOST`` points it at a stand-in.
+    """
+    if uri.startswith("bq://"):
+        from google.cloud import bigquery
+
+        table = uri.removeprefix("bq://")
+        project = table.split(".", 1)[0]
+        client = bigquery.Client(project=project)
+        try:
+            return client.list_rows(table).to_dataframe(create_bqstorage_client=False)
+        except Exception as exc:
+            if type(exc).__name__ == "NotFound":
+                raise InputError(f"snapshot table {table} does not exist") from None
+            raise
+    try:
+        return pd.read_parquet(uri)
+    except FileNotFoundError:
+        raise InputError(f"snapshot {uri} does not exist") from None
+
+
 def read_snapshot(line: ModelLine, args: argparse.Namespace) -> pd.DataFrame:
     """Read the snapshot, check it has what the model needs and normalise column types.
 
@@ -200,10 +224,7 @@ def read_snapshot(line: ModelLine, args: argparse.Namespace) -> pd.DataFrame:
     (and floats for a long one). Text becomes str. Rows outside the window and rows without a
     target are dropped (logged).
     """
-    try:
-        frame = pd.read_parquet(args.snapshot)
-    except FileNotFoundError:
-        raise InputError(f"snapshot {args.snapshot} does not exist") from None
+    frame = load_snapshot(args.snapshot)
     log.info("read %d rows, %d columns from %s", len(frame), frame.shape[1], args.snapshot)
     missing = [c for c in (DATE_COLUMN, *line.features, args.target) if c not in frame.columns]
     if missing:

@@ -112,8 +112,18 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         doc_md=_doc(config),
     ) as dag:
         common = {"config": config}
-        extract = ExtractOperator(task_id="extract", **common)
-        train = TrainOperator(
+        if config.extract.warehouse == "bigquery":
+            from mlops_lifecycle.operators.bigquery import BigQuerySnapshotOperator
+
+            extract = BigQuerySnapshotOperator(task_id="extract", **common)
+        else:
+            extract = ExtractOperator(task_id="extract", **common)
+        train_class = TrainOperator
+        if config.train.backend == "databricks":
+            from mlops_lifecycle.operators.databricks import DatabricksTrainOperator
+
+            train_class = DatabricksTrainOperator
+        train = train_class(
             task_id="train",
             snapshot=extract.output,
             execution_timeout=timedelta(minutes=config.train.timeout_minutes),

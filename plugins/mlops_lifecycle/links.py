@@ -45,3 +45,8 @@ class GitLabMergeRequestLink(_RecordedLink):
 class GitLabPipelineLink(_RecordedLink):
     name = "GitLab pipeline"
     key = "gitlab_pipeline"
+
+
+class DatabricksRunLink(_RecordedLink):
+    name = "Databricks run"
+    key = "databricks_run"

@@ -4,7 +4,7 @@ Each stand-in (GitLab v4, Databricks Jobs 2.2, BigQuery v2) subclasses :class:`S
 registers routes; the real client libraries talk to it over HTTP. Tests count requests with
 :meth:`StandIn.requests_matching` and tell it to fail with :meth:`StandIn.inject`:
 
-- ``Fault.status(503)``: answer with that status instead of acting (the client may retry);
+- ``Fault.status_code(503)``: answer with that status instead of acting (the client may retry);
 - ``Fault.rate_limited(retry_after=2)``: 429, with or without a ``Retry-After`` header;
 - ``Fault.drop_after()``: act (the side effect happens), then close the connection without an
   answer, as when a network drops between the server acting and the client hearing it;
@@ -14,6 +14,7 @@ registers routes; the real client libraries talk to it over HTTP. Tests count re
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class StandIn:
 
         class _Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
 
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
@@ -107,7 +109,9 @@ class StandIn:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name=self.name, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name=self.name, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -178,7 +182,8 @@ class StandIn:
             if fault is not None and fault.kind == "drop_before":
                 raise _DropConnection
             if fault is not None and fault.kind == "status":
-                headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+                # whole seconds, as servers send it (python-gitlab parses it with int())
+                headers = {"Retry-After": str(math.ceil(fault.retry_after))} if fault.retry_after is not None else {}
                 self._send(http, Response(fault.status, {"message": f"injected {fault.status}"}, headers))
                 return
             response = self._call(request, http.command)

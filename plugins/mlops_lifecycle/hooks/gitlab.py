@@ -167,6 +167,11 @@ class GitLabHook(BaseHook):
             return head
 
     def read_file(self, project: str, path: str, ref: str) -> str | None:
+        found = self._file(project, path, ref)
+        return found[0] if found else None
+
+    def _file(self, project: str, path: str, ref: str) -> tuple[str, str] | None:
+        """(content, last commit id of the file) at ``ref``, or None."""
         import gitlab
 
         try:
@@ -175,23 +180,27 @@ class GitLabHook(BaseHook):
             if exc.response_code == 404:
                 return None
             raise
-        return base64.b64decode(f.content).decode()
+        return base64.b64decode(f.content).decode(), f.last_commit_id
 
     def commit_files(self, project: str, branch: str, files: Mapping[str, str], message: str) -> tuple[str, bool]:
         """Make ``branch`` hold ``files`` with one commit; (head sha, whether a commit was made now).
 
         Only files whose content differs are written; when none differ (a retry after the first
-        try's commit landed) nothing is committed.
+        try's commit landed) nothing is committed. Updates carry the file's ``last_commit_id``, so a
+        request that python-gitlab re-sends after a lost answer is refused instead of applied twice.
         """
         import gitlab
 
         def actions() -> list[dict[str, str]]:
             out = []
             for path, content in files.items():
-                current = self.read_file(project, path, branch)
-                if current != content:
-                    action = "create" if current is None else "update"
-                    out.append({"action": action, "file_path": path, "content": content})
+                current = self._file(project, path, branch)
+                if current is None:
+                    out.append({"action": "create", "file_path": path, "content": content})
+                elif current[0] != content:
+                    out.append(
+                        {"action": "update", "file_path": path, "content": content, "last_commit_id": current[1]}
+                    )
             return out
 
         todo = actions()

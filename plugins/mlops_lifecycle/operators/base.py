@@ -81,10 +81,37 @@ class LifecycleOperator(BaseOperator):
         return self.registry.model_version_url(self.config.registry.model_name, version)
 
 
-def code_revision() -> str:
+def full_code_revision() -> str:
+    """The full commit of the package a remote run checks out (``MLOPS_CODE_REVISION`` or git HEAD).
+
+    Images built without ``.git`` set ``MLOPS_CODE_REVISION`` at build time. Uncommitted changes
+    are refused: a remote run would silently train the committed code instead.
+    """
+    import os
+
+    if os.environ.get("MLOPS_CODE_REVISION"):
+        return os.environ["MLOPS_CODE_REVISION"]
+    revision = code_revision(short=False)
+    if revision.endswith("-dirty") or revision.startswith("unknown"):
+        from mlops_lifecycle.exceptions import LifecycleError
+
+        raise LifecycleError(
+            f"Training code revision is {revision}: a remote run checks out a commit, so commit (and push) "
+            f"{paths.include_dir()} first, or set MLOPS_CODE_REVISION"
+        )
+    return revision
+
+
+def code_revision(short: bool = True) -> str:
     """Git revision of the training code, SQL and model lines (``-dirty`` with uncommitted changes)."""
+    import os
+
+    if os.environ.get("MLOPS_CODE_REVISION"):
+        return os.environ["MLOPS_CODE_REVISION"][:12] if short else os.environ["MLOPS_CODE_REVISION"]
     root = str(paths.include_dir())
-    rev = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    rev = subprocess.run(
+        ["git", "-C", root, "rev-parse", *(["--short=12"] if short else []), "HEAD"], capture_output=True, text=True
+    )
     if rev.returncode != 0:
         return "unknown (not a git checkout)"
     dirty = subprocess.run(

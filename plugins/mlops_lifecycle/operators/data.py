@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from mlops_lifecycle.adapters.local_process import LocalProcess
+    from mlops_lifecycle.window import DataWindow
 
 
 class ExtractOperator(LifecycleOperator):
@@ -62,22 +63,32 @@ class TrainOperator(LifecycleOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         window = self.window(context)
+        run = self.trained_run(window)
+        if run is None:
+            self._train(context, window)
+            run = self.trained_run(window, required=True)
+        return self.candidate(window, run)
+
+    def trained_run(self, window: DataWindow, required: bool = False) -> Any:
+        """The finished, registered MLflow run of this run key, if training already happened."""
         experiment = self.config.registry.experiment
         run = self.registry.find_run(experiment, window.run_key)
         if run is not None and run.data.tags.get("lifecycle.registered_version"):
-            self.log.info(
-                "Run key %s already trained in MLflow run %s: reusing it, not training again",
-                window.run_key,
-                run.info.run_id,
-            )
-        else:
-            self._train(context, window)
-            run = self.registry.find_run(experiment, window.run_key)
-            if run is None or not run.data.tags.get("lifecycle.registered_version"):
-                raise TrainingFailed(
-                    f"Training for {window.run_key} ended but no finished, registered MLflow run carries "
-                    f"that run key in experiment '{experiment}'"
+            if not required:
+                self.log.info(
+                    "Run key %s already trained in MLflow run %s: reusing it, not training again",
+                    window.run_key,
+                    run.info.run_id,
                 )
+            return run
+        if required:
+            raise TrainingFailed(
+                f"Training for {window.run_key} ended but no finished, registered MLflow run carries "
+                f"that run key in experiment '{experiment}'"
+            )
+        return None
+
+    def candidate(self, window: DataWindow, run: Any) -> dict[str, Any]:
         tags = run.data.tags
         candidate = {
             "model_line": self.config.model_line,
@@ -105,14 +116,11 @@ class TrainOperator(LifecycleOperator):
         )
         return candidate
 
-    def _train(self, context: Context, window: Any) -> None:
-        from mlops_lifecycle.adapters.local_process import LocalProcess, ProcessFailed
-
+    def entrypoint_args(self, context: Context, window: DataWindow, revision: str) -> list[str]:
+        """The entrypoint's command-line arguments: the same locally and on Databricks. No secrets."""
         cfg = self.config
-        tags = {**self.airflow_ids(context), "lifecycle.code_revision": code_revision()}
-        argv = [
-            sys.executable,
-            str(cfg.entrypoint_path),
+        tags = {**self.airflow_ids(context), "lifecycle.code_revision": revision}
+        return [
             "--snapshot",
             self.snapshot["uri"],
             "--run-key",
@@ -138,6 +146,12 @@ class TrainOperator(LifecycleOperator):
             "--tags",
             json.dumps(tags),
         ]
+
+    def _train(self, context: Context, window: DataWindow) -> None:
+        from mlops_lifecycle.adapters.local_process import LocalProcess, ProcessFailed
+
+        cfg = self.config
+        argv = [sys.executable, str(cfg.entrypoint_path), *self.entrypoint_args(context, window, code_revision())]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update(self.registry.process_env())
         self._process = LocalProcess(argv, env, cwd=str(cfg.entrypoint_path.parent))

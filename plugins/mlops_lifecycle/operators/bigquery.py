@@ -1,0 +1,174 @@
+"""Extract on BigQuery (apache-airflow-providers-google): one snapshot table per data window.
+
+The line's SQL, rendered for the window, runs as a query job that writes
+``<project>.<dataset>.<line>__<interval start>_<interval end>`` (WRITE_TRUNCATE). Training receives
+that table's name (``bq://...``), so no data passes through Airflow.
+
+The job id is deterministic (line, window, Airflow run): before inserting, the operator looks the job
+up; it reattaches while the job runs and reuses it once it succeeded, so a retry never runs the query
+twice (the provider's insert-job operator re-runs by default and refuses a job that is already
+DONE). After a failed job the next attempt is ``<id>_attempt<N>``. The wait is deferred to the
+provider's ``BigQueryInsertJobTrigger``; killing the task cancels the job. The provider's hook and
+trigger are imported only when the task runs, so parsing the DAG folder does not pay for them.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from mlops_lifecycle.exceptions import SnapshotError
+from mlops_lifecycle.operators.base import LifecycleOperator
+
+if TYPE_CHECKING:
+    from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
+    from airflow.sdk import Context
+
+    from mlops_lifecycle.config import ExtractBigQuery
+    from mlops_lifecycle.window import DataWindow
+
+MAX_ATTEMPTS = 20
+
+
+def label(value: str) -> str:
+    """A BigQuery label value: lowercase letters, digits, ``_`` and ``-``, at most 63 characters."""
+    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
+
+
+def snapshot_table(cfg: ExtractBigQuery, window: DataWindow) -> str:
+    return (
+        f"{cfg.project}.{cfg.dataset}.{window.model_line}__"
+        f"{window.interval_start:%Y%m%dT%H%M}_{window.interval_end:%Y%m%dT%H%M}"
+    )
+
+
+class BigQuerySnapshotOperator(LifecycleOperator):
+    ui_color = "#fff3d6"
+
+    @property
+    def extract_cfg(self) -> ExtractBigQuery:
+        return self.config.extract  # type: ignore[return-value]
+
+    @cached_property
+    def bigquery(self) -> BigQueryHook:
+        from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
+
+        return BigQueryHook(gcp_conn_id=self.extract_cfg.gcp_conn_id, location=self.extract_cfg.location)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from mlops_lifecycle.adapters.warehouse import render_sql
+
+        cfg, window = self.extract_cfg, self.window(context)
+        table = snapshot_table(cfg, window)
+        project, dataset, table_id = table.split(".")
+        sql = render_sql(self.config.sql_path.read_text(), dict(cfg.tables), window.train_start, window.window_end)
+        configuration = {
+            "query": {
+                "query": sql,
+                "useLegacySql": False,
+                "destinationTable": {"projectId": project, "datasetId": dataset, "tableId": table_id},
+                "writeDisposition": "WRITE_TRUNCATE",
+                "createDisposition": "CREATE_IF_NEEDED",
+            },
+            "labels": {
+                "model-line": label(self.config.model_line),
+                "window": label(f"{window.interval_start:%Y%m%dt%H%M}-{window.interval_end:%Y%m%dt%H%M}"),
+                "airflow-dag": label(context["ti"].dag_id),
+                "airflow-run": label(context["ti"].run_id),
+            },
+        }
+        base_id = job_id_for(window.run_key, context["ti"].run_id)
+        self.log.info("Run key %s: snapshot %s, query job %s", window.run_key, table, base_id)
+        job, reused = self._find_or_submit(base_id, configuration)
+        self._job_id = job.job_id
+        if job.state != "DONE":
+            from airflow.providers.google.cloud.triggers.bigquery import BigQueryInsertJobTrigger
+
+            self.log.info("Deferring: waiting for job %s (%s)", job.job_id, job.state)
+            self.defer(
+                trigger=BigQueryInsertJobTrigger(
+                    conn_id=cfg.gcp_conn_id,
+                    job_id=job.job_id,
+                    project_id=cfg.project,
+                    location=cfg.location,
+                    poll_interval=cfg.poll_interval_seconds,
+                    cancel_on_kill=True,
+                ),
+                method_name="execute_complete",
+                kwargs={"reused": reused},
+            )
+        if job.error_result:
+            raise SnapshotError(f"BigQuery job {job.job_id} failed: {job.error_result}")
+        return self._result(context, job.job_id, reused)
+
+    def execute_complete(self, context: Context, event: dict[str, Any], reused: bool = False) -> dict[str, Any]:
+        if event.get("status") != "success":
+            raise SnapshotError(f"BigQuery job {event.get('job_id')}: {event.get('message', event)}")
+        return self._result(context, event["job_id"], reused)
+
+    def _result(self, context: Context, job_id: str, reused: bool) -> dict[str, Any]:
+        window = self.window(context)
+        table = snapshot_table(self.extract_cfg, window)
+        client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+        rows = client.get_table(table).num_rows
+        if not rows:
+            raise SnapshotError(
+                f"Snapshot {table} (job {job_id}) is empty: the SQL returned no rows for {window.label}"
+            )
+        self.log.info("Snapshot %s: %s rows (job %s%s)", table, rows, job_id, ", reused" if reused else "")
+        return {
+            "uri": f"bq://{table}",
+            "table": table,
+            "rows": int(rows),
+            "job_id": job_id,
+            "reused": reused,
+            **window.as_dict(),
+        }
+
+    def _find_or_submit(self, base_id: str, configuration: dict[str, Any]) -> tuple[Any, bool]:
+        """(job, reused): the window's running or succeeded job, or a newly inserted one."""
+        from google.api_core.exceptions import Conflict, NotFound
+
+        cfg = self.extract_cfg
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            job_id = base_id if attempt == 1 else f"{base_id}_attempt{attempt}"
+            try:
+                job = self.bigquery.get_job(job_id=job_id, project_id=cfg.project, location=cfg.location)
+            except NotFound:
+                self.log.info("Submitting query job %s", job_id)
+                try:
+                    job = self.bigquery.insert_job(
+                        configuration=configuration,
+                        project_id=cfg.project,
+                        location=cfg.location,
+                        job_id=job_id,
+                        nowait=True,
+                    )
+                except Conflict:  # inserted by a request whose answer was lost
+                    job = self.bigquery.get_job(job_id=job_id, project_id=cfg.project, location=cfg.location)
+                return job, False
+            if job.state != "DONE":
+                self.log.info("Job %s is %s: reattaching instead of running the query again", job_id, job.state)
+                return job, False
+            if not job.error_result:
+                self.log.info("Job %s already succeeded: reusing its snapshot, not running the query again", job_id)
+                return job, True
+            self.log.warning("Job %s failed earlier (%s): submitting the next attempt", job_id, job.error_result)
+        raise SnapshotError(f"{MAX_ATTEMPTS} query jobs for {base_id} failed; see them in BigQuery")
+
+    def on_kill(self) -> None:
+        job_id = getattr(self, "_job_id", None)
+        if job_id:
+            self.log.warning("Task killed: cancelling BigQuery job %s", job_id)
+            self.bigquery.cancel_job(
+                job_id=job_id, project_id=self.extract_cfg.project, location=self.extract_cfg.location
+            )
+
+
+def job_id_for(run_key: str, airflow_run_id: str) -> str:
+    """Deterministic job id: readable run key plus a hash of the Airflow run (ids allow [A-Za-z0-9_-])."""
+    import hashlib
+
+    digest = hashlib.sha256(airflow_run_id.encode()).hexdigest()[:12]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"mlops_{run_key}") + f"_{digest}"

@@ -1,0 +1,156 @@
+"""Train on Databricks (apache-airflow-providers-databricks): the same entrypoint, on a job cluster.
+
+A one-time run (``runs/submit``) checks the package out of git at the training code revision
+(``git_source``) and runs ``include/<entrypoint>`` as a Python file task with the same arguments the
+local adapter passes; or ``run-now`` of an existing job gets those arguments as ``python_params``.
+The idempotency token is derived from the run key, so a retry, even after the first submit's
+answer was lost, attaches to the same Databricks run. The wait is deferred to the provider's
+``DatabricksExecutionTrigger`` (cancelling the run if the task is killed while deferred); a task
+killed while running cancels it in ``on_kill``. MLflow settings reach the run as cluster environment
+variables; a self-hosted server's token only as a Databricks secret reference, never as a value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from mlops_lifecycle.exceptions import LifecycleError, TrainingFailed
+from mlops_lifecycle.links import DatabricksRunLink, MlflowModelVersionLink, MlflowRunLink
+from mlops_lifecycle.operators.base import full_code_revision
+from mlops_lifecycle.operators.data import TrainOperator
+
+if TYPE_CHECKING:
+    from airflow.providers.databricks.hooks.databricks import DatabricksHook
+    from airflow.sdk import Context
+
+    from mlops_lifecycle.config import TrainDatabricks
+    from mlops_lifecycle.window import DataWindow
+
+
+def idempotency_token(run_key: str) -> str:
+    """Databricks caps tokens at 64 characters; run keys can be longer, so hash them."""
+    return "mlops-" + hashlib.sha256(run_key.encode()).hexdigest()[:40]
+
+
+class DatabricksTrainOperator(TrainOperator):
+    operator_extra_links = (DatabricksRunLink(), MlflowRunLink(), MlflowModelVersionLink())
+
+    @property
+    def train_cfg(self) -> TrainDatabricks:
+        return self.config.train  # type: ignore[return-value]
+
+    @cached_property
+    def databricks(self) -> DatabricksHook:
+        from airflow.providers.databricks.hooks.databricks import DatabricksHook
+
+        return DatabricksHook(self.train_cfg.databricks_conn_id, caller=type(self).__name__)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        window = self.window(context)
+        run = self.trained_run(window)
+        if run is not None:
+            return self.candidate(window, run)
+        payload = self.run_payload(context, window)
+        token = payload["idempotency_token"]
+        if self.train_cfg.job_id is not None:
+            run_id = self.databricks.run_now(payload)
+        else:
+            run_id = self.databricks.submit_run(payload)
+        self._run_id = run_id
+        url = self.databricks.get_run_page_url(run_id)
+        self.set_link(DatabricksRunLink.key, url)
+        self.log.info("Databricks run %s (idempotency token %s) trains %s: %s", run_id, token, window.run_key, url)
+        from airflow.providers.databricks.triggers.databricks import DatabricksExecutionTrigger
+
+        self.defer(
+            trigger=DatabricksExecutionTrigger(
+                run_id=run_id,
+                databricks_conn_id=self.train_cfg.databricks_conn_id,
+                polling_period_seconds=self.train_cfg.poll_interval_seconds,
+                run_page_url=url,
+                caller=type(self).__name__,
+            ),
+            method_name="execute_complete",
+            timeout=self.execution_timeout,
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        from airflow.providers.databricks.hooks.databricks import RunState
+
+        url = event.get("run_page_url")
+        self.set_link(DatabricksRunLink.key, url)
+        state = RunState.from_json(event["run_state"])
+        window = self.window(context)
+        if not state.is_successful:
+            errors = "; ".join(f"{e.get('task_key')}: {e.get('error')}" for e in event.get("errors") or [])
+            raise TrainingFailed(
+                f"Databricks run {event.get('run_id')} for {window.run_key} ended {state.life_cycle_state}/"
+                f"{state.result_state}: {state.state_message} {errors}".strip()
+                + f". Run page: {url}. Registry unchanged."
+            )
+        self.log.info("Databricks run %s succeeded: %s", event.get("run_id"), url)
+        return self.candidate(window, self.trained_run(window, required=True))
+
+    def run_payload(self, context: Context, window: DataWindow) -> dict[str, Any]:
+        """The Jobs 2.2 request: no secret values, only references to Databricks secrets."""
+        cfg = self.train_cfg
+        revision = full_code_revision()
+        args = self.entrypoint_args(context, window, revision)
+        token = idempotency_token(window.run_key)
+        timeout = cfg.timeout_minutes * 60
+        if cfg.job_id is not None:
+            return {"job_id": cfg.job_id, "python_params": args, "idempotency_token": token}
+        task: dict[str, Any] = {"task_key": "train", "libraries": list(cfg.libraries)}
+        if cfg.task == "python_file":
+            task["spark_python_task"] = {
+                "python_file": f"{cfg.source.include_path.strip('/')}/{cfg.entrypoint}",
+                "parameters": args,
+                "source": "GIT",
+            }
+        elif cfg.task == "notebook":
+            task["notebook_task"] = {
+                "notebook_path": f"{cfg.source.include_path.strip('/')}/{cfg.entrypoint.removesuffix('.py')}",
+                "base_parameters": {"argv": json.dumps(args)},
+                "source": "GIT",
+            }
+        else:
+            task["python_wheel_task"] = {**(cfg.wheel or {}), "parameters": args}
+        if cfg.cluster is not None:
+            cluster = dict(cfg.cluster)
+            cluster["spark_env_vars"] = {**cluster.get("spark_env_vars", {}), **self.mlflow_env()}
+            task["new_cluster"] = cluster
+        else:
+            task["existing_cluster_id"] = cfg.existing_cluster_id
+        payload: dict[str, Any] = {
+            "run_name": f"{self.config.model_line} training {window.run_key}",
+            "tasks": [task],
+            "timeout_seconds": timeout,
+            "idempotency_token": token,
+        }
+        if cfg.source is not None:
+            payload["git_source"] = {
+                "git_url": cfg.source.git_url,
+                "git_provider": cfg.source.git_provider,
+                "git_commit": revision,
+            }
+        return payload
+
+    def mlflow_env(self) -> dict[str, str]:
+        env = {"MLFLOW_TRACKING_URI": self.registry.tracking_uri}
+        if self.train_cfg.mlflow_token_secret:
+            env["MLFLOW_TRACKING_TOKEN"] = "{{secrets/" + self.train_cfg.mlflow_token_secret + "}}"
+        elif self.registry.process_env().get("MLFLOW_TRACKING_TOKEN") and self.registry.tracking_uri != "databricks":
+            raise LifecycleError(
+                f"Connection '{self.mlflow_conn_id}' carries an MLflow token, but train.mlflow_token_secret is not "
+                "set: store the token in a Databricks secret and name its scope/key there (it is never sent as a value)"
+            )
+        return env
+
+    def on_kill(self) -> None:
+        run_id = getattr(self, "_run_id", None)
+        if run_id is not None:
+            self.log.warning("Task killed: cancelling Databricks run %s", run_id)
+            self.databricks.cancel_run(run_id)
