@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 from mlops_lifecycle.gate import GateVerdict
 
+URL_SAFE = ":/?#@!$&'*+,;=%-._~"
 _QUICK_ACTION = re.compile(r"^(\s*)/", re.MULTILINE)
 
 
 def md_text(value: object) -> str:
     """One-line markdown-safe text: no newlines, no table pipes, no leading quick-action slash."""
     text = " ".join(str(value).split())
-    text = text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
     return _QUICK_ACTION.sub(r"\1\\/", text)
 
 
@@ -30,7 +31,10 @@ def md_code(value: object) -> str:
 
 
 def _link(label: str, url: str | None) -> str:
-    return f"[{md_text(label)}]({url})" if url else md_code(label)
+    from urllib.parse import quote
+
+    # whitespace, parentheses and the like are percent-encoded so a URL cannot end the link or the line
+    return f"[{md_text(label)}]({quote(url, safe=URL_SAFE)})" if url else md_code(label)
 
 
 @dataclass(frozen=True)
@@ -56,15 +60,17 @@ class Proposal:
 
 
 def entry_heading(model_line: str, version: str, event: str) -> str:
-    return f"## {model_line} v{version}: {event}"
+    return f"## {md_text(model_line)} v{md_text(version)}: {event}"
 
 
 def render_proposal(p: Proposal) -> str:
     """The staging entry: model, version, run, window, metrics against each gate rule."""
-    prod = f"v{p.verdict.production_version}" if p.verdict.production_version else "none (first version)"
+    return entry_heading(p.model_line, p.model_version, "proposed for production") + "\n\n" + _proposal_body(p)
+
+
+def _proposal_body(p: Proposal) -> str:
+    prod = f"v{md_text(p.verdict.production_version)}" if p.verdict.production_version else "none (first version)"
     lines = [
-        entry_heading(p.model_line, p.model_version, "proposed for production"),
-        "",
         f"- Registered model: {md_code(p.model_name)} {_link('version ' + p.model_version, p.model_version_url)}",
         f"- MLflow run: {_link(p.run_id, p.run_url)}",
         f"- Data window: {md_text(p.window_label)} (holdout from {md_text(p.holdout_start)}), "
@@ -90,7 +96,7 @@ def render_proposal(p: Proposal) -> str:
 def render_merge_request(p: Proposal, reviewers: list[str], min_approvals: int) -> str:
     """The merge request description: the proposal, then what merging it does and who must approve."""
     who = ", ".join(md_text(r) for r in reviewers) or "the code owners"
-    body = render_proposal(p).split("\n", 1)[1].strip()  # the MR title already says what the heading says
+    body = _proposal_body(p).strip()  # the MR title already says what the heading says
     return (
         f"{body}\n\n---\n\n"
         f"Merging deploys {md_code(p.model_name)} version {md_text(p.model_version)} through this repository's "

@@ -39,6 +39,10 @@ class ReviewRejected(LifecycleDecision):
     """The reviewer rejected the change; nothing is merged, deployed or promoted."""
 
 
+class ReviewTimedOut(LifecycleDecision):
+    """Nobody decided on the review before its deadline; nothing is merged, deployed or promoted."""
+
+
 class RegistryConflict(LifecycleDecision):
     """An alias moved under us (compare-and-set failed): re-run to re-gate against the new state."""
 

@@ -14,6 +14,8 @@ missing, and on a write error read again before giving up.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -105,7 +107,7 @@ class GitLabHook(BaseHook):
             token=conn.password,
             timeout=float(extra.get("timeout", 30)),
             max_retries=int(extra.get("max_retries", 6)),
-            verify_ssl=bool(extra.get("verify_ssl", True)),
+            verify_ssl=str(extra.get("verify_ssl", True)).strip().lower() not in ("false", "0", "no", "off"),
             web_url=str(extra.get("web_url") or url).rstrip("/"),
         )
 
@@ -238,8 +240,13 @@ class GitLabHook(BaseHook):
         reviewers: list[str],
     ) -> tuple[Any, bool]:
         """(MR, created now). One MR per source branch: a retry finds the first try's MR."""
+        with _naming(project, f"opening the merge request {source} -> {target}"):
+            return self._create_merge_request(project, source, target, title, description, labels, reviewers)
+
+    def _create_merge_request(self, project: str, source: str, target: str, *fields: Any) -> tuple[Any, bool]:
         import gitlab
 
+        title, description, labels, reviewers = fields
         existing = self.find_merge_request(project, source, target)
         if existing is not None and existing.state != "closed":
             return existing, False
@@ -282,7 +289,12 @@ class GitLabHook(BaseHook):
             web_url=mr.web_url,
             author=mr.author["username"],
             approvers=approvers,
-            merge_commit_sha=getattr(mr, "merge_commit_sha", None),
+            # fast-forward and squash merges leave merge_commit_sha empty: the MR's commit is on the target
+            merge_commit_sha=(
+                getattr(mr, "merge_commit_sha", None)
+                or getattr(mr, "squash_commit_sha", None)
+                or (getattr(mr, "sha", None) if mr.state == "merged" else None)
+            ),
             merged_by=((getattr(mr, "merged_by", None) or {}).get("username")),
             merged_at=getattr(mr, "merged_at", None),
             closed_by=((getattr(mr, "closed_by", None) or {}).get("username")),
@@ -321,6 +333,20 @@ class GitLabHook(BaseHook):
         return f"{self.settings.web_url}/{project}"
 
 
+@contextmanager
+def _naming(project: str, operation: str) -> Iterator[None]:
+    """Re-raise GitLab errors as a (retryable) LifecycleError naming the project and the operation."""
+    import gitlab
+    import requests
+
+    try:
+        yield
+    except LifecycleError:
+        raise
+    except (gitlab.GitlabError, requests.RequestException) as exc:
+        raise LifecycleError(f"GitLab {project}: {operation} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def _bounded(http_request: Any, max_retries: int) -> Any:
     def request(*args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("max_retries", max_retries)
@@ -356,15 +382,17 @@ class GitLabDeploymentRepository:
         return current + ("" if not current or current.endswith("\n") else "\n") + entry
 
     def open_review(self, branch: str, replace: Mapping[str, str], append: Mapping[str, str], message: str) -> str:
-        self.hook.ensure_branch(self.project, branch, self.main)
-        files = dict(replace)
-        for path, entry in append.items():
-            files[path] = self._appended(self.read(branch, path), entry)
-        sha, _ = self.hook.commit_files(self.project, branch, files, message)
+        with _naming(self.project, f"committing the review on branch {branch}"):
+            self.hook.ensure_branch(self.project, branch, self.main)
+            files = dict(replace)
+            for path, entry in append.items():
+                files[path] = self._appended(self.read(branch, path), entry)
+            sha, _ = self.hook.commit_files(self.project, branch, files, message)
         return sha
 
     def append_on_main(self, path: str, entry: str, message: str) -> str:
         """Commit on the target branch with ``[skip ci]``: a changelog line must not redeploy anything."""
-        content = self._appended(self.read(self.main, path), entry)
-        sha, _ = self.hook.commit_files(self.project, self.main, {path: content}, f"{message} [skip ci]")
+        with _naming(self.project, f"appending to {path} on {self.main}"):
+            content = self._appended(self.read(self.main, path), entry)
+            sha, _ = self.hook.commit_files(self.project, self.main, {path: content}, f"{message} [skip ci]")
         return sha

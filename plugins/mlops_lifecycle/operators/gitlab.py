@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from mlops_lifecycle.exceptions import DeliveryFailed, LifecycleError, ReviewRejected
+from mlops_lifecycle.exceptions import DeliveryFailed, LifecycleError, ReviewRejected, ReviewTimedOut
 from mlops_lifecycle.links import GitLabMergeRequestLink, GitLabPipelineLink, MlflowRunLink
 from mlops_lifecycle.operators.base import LifecycleOperator
 from mlops_lifecycle.operators.review import OpenReviewOperator
@@ -35,7 +35,8 @@ def _event_or_fail(event: dict[str, Any] | None, rejected: type[Exception]) -> d
         raise LifecycleError(f"Malformed trigger event: {event!r}")
     if event["status"] == "success":
         return event
-    if event["status"] == "rejected":
+    if event["status"] in ("rejected", "timeout"):
+        # a decision (or a deadline from the YAML): retrying the wait cannot change it
         raise rejected(event["message"] + ". Registry unchanged.")
     raise LifecycleError(event.get("message", str(event)) + ". Registry unchanged.")
 
@@ -111,11 +112,24 @@ class AwaitMergeOperator(LifecycleOperator):
         c = self.candidate
         mr = (event or {}).get("mr") or {}
         if event and event.get("status") in ("success", "rejected"):
-            verdict = "approved" if event["status"] == "success" else "rejected"
-            who = ",".join(mr.get("approvers") or []) if verdict == "approved" else (mr.get("closed_by") or "unknown")
-            self.registry.set_run_tags(
-                c["run_id"],
-                {"review.verdict": verdict, f"review.{verdict}_by": who, "review.id": self.review["review_id"]},
+            author = mr.get("author")
+            if event["status"] == "success":
+                tags = {
+                    "review.verdict": "approved",
+                    "review.approved_by": ",".join(a for a in mr.get("approvers") or [] if a != author),
+                }
+            else:
+                who = mr.get("closed_by") if mr.get("state") == "closed" else mr.get("merged_by")
+                tags = {
+                    "review.verdict": "rejected",
+                    "review.rejected_by": who or "unknown",
+                    "review.rejected_because": event["message"][:500],
+                }
+            self.registry.set_run_tags(c["run_id"], {**tags, "review.id": self.review["review_id"]})
+        if event and event.get("status") == "timeout":
+            raise ReviewTimedOut(
+                f"{event['message']}. No decision within review.timeout_hours ({self.config.review.timeout_hours} h): "
+                "not retried; close the merge request or re-run the DAG to wait again. Registry unchanged."
             )
         _event_or_fail(event, ReviewRejected)
         approvers = [a for a in mr["approvers"] if a != mr["author"]]
