@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from mlops_lifecycle.window import DataWindow
 
 
+MAX_ATTEMPTS = 10
+JOB_DEFINED_REVISION = "defined-by-databricks-job"
+
+
 def idempotency_token(run_key: str) -> str:
     """Databricks caps tokens at 64 characters; run keys can be longer, so hash them."""
     return "mlops-" + hashlib.sha256(run_key.encode()).hexdigest()[:40]
@@ -54,12 +58,9 @@ class DatabricksTrainOperator(TrainOperator):
         if run is not None:
             return self.candidate(window, run)
         payload = self.run_payload(context, window)
-        token = payload["idempotency_token"]
-        if self.train_cfg.job_id is not None:
-            run_id = self.databricks.run_now(payload)
-        else:
-            run_id = self.databricks.submit_run(payload)
+        run_id = self._attach_or_submit(payload)
         self._run_id = run_id
+        token = payload["idempotency_token"]
         url = self.databricks.get_run_page_url(run_id)
         self.set_link(DatabricksRunLink.key, url)
         self.log.info("Databricks run %s (idempotency token %s) trains %s: %s", run_id, token, window.run_key, url)
@@ -92,27 +93,65 @@ class DatabricksTrainOperator(TrainOperator):
                 + f". Run page: {url}. Registry unchanged."
             )
         self.log.info("Databricks run %s succeeded: %s", event.get("run_id"), url)
-        return self.candidate(window, self.trained_run(window, required=True))
+        run = self.trained_run(window, required=True)
+        if run.data.tags.get("lifecycle.code_revision") == JOB_DEFINED_REVISION:
+            # run-now: record the commit the job really checked out, not what this deployment holds
+            used = (self.databricks.get_run(event["run_id"]).get("git_source") or {}).get("git_snapshot", {})
+            revision = used.get("used_commit") or f"unknown (job {self.train_cfg.job_id} has no git_source)"
+            self.registry.set_run_tags(run.info.run_id, {"lifecycle.code_revision": revision})
+            run = self.trained_run(window, required=True)
+        return self.candidate(window, run)
+
+    def _attach_or_submit(self, payload: dict[str, Any]) -> int:
+        """Submit under the run key's token; after a failed run, under the next token of the chain.
+
+        Databricks answers a known token with the run it started, even a failed one, so a retry
+        after a failure would only re-attach to it. The chain ``T``, ``T-2``, ``T-3``... keeps every
+        submit idempotent (a lost answer still resolves to one run) while a retry after a failure
+        trains again.
+        """
+        base = payload["idempotency_token"]
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            payload["idempotency_token"] = base if attempt == 1 else f"{base}-{attempt}"
+            if self.train_cfg.job_id is not None:
+                run_id = self.databricks.run_now(payload)
+            else:
+                run_id = self.databricks.submit_run(payload)
+            state = self.databricks.get_run_state(run_id)
+            if not state.is_terminal or state.is_successful:
+                return run_id
+            self.log.warning(
+                "Databricks run %s (token %s) ended %s: %s; submitting the next attempt",
+                run_id,
+                payload["idempotency_token"],
+                state.result_state,
+                state.state_message,
+            )
+        raise TrainingFailed(f"{MAX_ATTEMPTS} Databricks runs for token {base} failed; see their run pages")
 
     def run_payload(self, context: Context, window: DataWindow) -> dict[str, Any]:
         """The Jobs 2.2 request: no secret values, only references to Databricks secrets."""
         cfg = self.train_cfg
-        revision = full_code_revision()
+        # run-now: the job checks out its own git_source; the commit that ran is read back afterwards
+        revision = full_code_revision() if cfg.job_id is None else JOB_DEFINED_REVISION
         args = self.entrypoint_args(context, window, revision)
         token = idempotency_token(window.run_key)
         timeout = cfg.timeout_minutes * 60
         if cfg.job_id is not None:
             return {"job_id": cfg.job_id, "python_params": args, "idempotency_token": token}
         task: dict[str, Any] = {"task_key": "train", "libraries": list(cfg.libraries)}
+        in_repo = "/".join(
+            part for part in (cfg.source.include_path.strip("/") if cfg.source else "", cfg.entrypoint) if part
+        )
         if cfg.task == "python_file":
             task["spark_python_task"] = {
-                "python_file": f"{cfg.source.include_path.strip('/')}/{cfg.entrypoint}",
+                "python_file": in_repo,
                 "parameters": args,
                 "source": "GIT",
             }
         elif cfg.task == "notebook":
             task["notebook_task"] = {
-                "notebook_path": f"{cfg.source.include_path.strip('/')}/{cfg.entrypoint.removesuffix('.py')}",
+                "notebook_path": in_repo.removesuffix(".py"),
                 "base_parameters": {"argv": json.dumps(args)},
                 "source": "GIT",
             }
@@ -123,6 +162,12 @@ class DatabricksTrainOperator(TrainOperator):
             cluster["spark_env_vars"] = {**cluster.get("spark_env_vars", {}), **self.mlflow_env()}
             task["new_cluster"] = cluster
         else:
+            if self.registry.tracking_uri != "databricks":
+                raise LifecycleError(
+                    f"train.existing_cluster_id: a run on an existing cluster cannot be given MLFLOW_TRACKING_URI "
+                    f"({self.registry.tracking_uri}); use 'cluster' (a job cluster), or track in the Databricks "
+                    f"workspace (connection '{self.mlflow_conn_id}' extra tracking_uri: databricks)"
+                )
             task["existing_cluster_id"] = cfg.existing_cluster_id
         payload: dict[str, Any] = {
             "run_name": f"{self.config.model_line} training {window.run_key}",

@@ -197,7 +197,7 @@ class PromoteOperator(LifecycleOperator):
                 "audit.approved_by": ",".join(self.approval["approved_by"]),
                 "audit.approved_at": self.approval["approved_at"],
                 "audit.merge_commit": self.merge["merge_commit"],
-                "audit.deployments": json.dumps(self.deployment["deployments"], sort_keys=True),
+                "audit.deployments": json.dumps(self.deployment["deployments"]),  # in deployment order
                 **(
                     {"audit.pipeline_id": str(self.deployment["pipeline_id"])}
                     if "pipeline_id" in self.deployment
