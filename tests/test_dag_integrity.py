@@ -125,3 +125,20 @@ def test_bad_config_is_an_import_error_in_the_ui_and_the_other_lines_still_load(
     assert error_file.endswith("model_line_config_errors.py")
     assert "high_demand_alert.yaml" in message
     assert "gate.metrics.roc_auc.threshold: Input should be a valid number" in message
+
+
+def test_production_adapters_build_their_dag_without_importing_providers_or_clients(tmp_path):
+    """BigQuery, Databricks and GitLab lines parse as cheaply as local ones: clients load in tasks only."""
+    shutil.copy(paths.include_dir() / "examples" / "production" / "demand_forecast.yaml", tmp_path)
+
+    parsed = parse_dag_folder(tmp_path)
+
+    assert parsed["errors"] == {} and parsed["heavy"] == []
+    dag = parsed["dags"]["demand_forecast__lifecycle"]
+    chain = ["extract", "train", "gate", "stage", "open_review", "await_merge", "await_pipeline"]
+    chain += ["await_deployments", "verify_serving", "promote"]
+    for upstream, downstream in zip(chain, chain[1:], strict=False):
+        assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
+    assert set(dag["tasks"]) == {*chain, "restore_staging"}
+    for task in ("await_merge", "await_pipeline", "await_deployments", "verify_serving"):
+        assert "restore_staging" in dag["downstream"][task]
