@@ -267,3 +267,31 @@ def test_lost_answers_and_retries_make_each_side_effect_once(prod):
     assert state["versions"][version]["audit.previous_production_version"] == "1"
     changelog = prod.gitlab.file_at("main", f"changelog/{LINE}.md")
     assert changelog.count(f"## {LINE} v{version}: promoted to production") == 1
+
+
+def test_production_serving_another_version_leaves_the_registry_as_it_was(prod):
+    """The CI reports success but production serves the previous version: verify_serving stops the run."""
+    before = prod.registry_state()
+    serving = before["aliases"]["production"]
+    prod.serve_version_override = serving
+    prod.write(
+        deploy={
+            **EXAMPLE["deploy"],
+            "service_url": prod.service_url,
+            "poll_interval_seconds": 0.2,
+            "verify_timeout_seconds": 6,
+        }
+    )
+    try:
+        result = prod.run(window(2, 11))
+    finally:
+        prod.serve_version_override = None
+        prod.write()
+    assert result.state == "failed"
+    assert result.task_states["await_deployments"] == "success"
+    assert result.task_states["verify_serving"] == "failed" and result.task_states["promote"] != "success"
+    after = prod.registry_state()
+    assert after["aliases"] == before["aliases"]
+    candidate = max(after["versions"], key=int)
+    assert "verify_serving failed" in after["versions"][candidate]["audit.staging_withdrawn_because"]
+    assert devstack.service_version(prod.service_url)["model_version"] == serving

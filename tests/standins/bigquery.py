@@ -399,7 +399,7 @@ class BigQueryStandIn(StandIn):
                     self._db.unregister("_standin_load")
             self._tables[(project, dataset, table)] = TableMeta(project, dataset, table, dict(labels or {}))
             self._save_meta()
-            return self._db.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
+            return self._db.execute(f"SELECT count(*) FROM {target}").fetchall()[0][0]
 
     def table_rows(self, fqn: str) -> list[dict[str, Any]]:
         """The table's rows as dicts of Python values, in stored order."""
@@ -687,7 +687,7 @@ class BigQueryStandIn(StandIn):
                 self._write_destination(job, result, d_project, d_dataset, d_table, dest_meta)
             job.result_table = result
             job.schema = self._bq_schema(result)
-            job.total_rows = self._db.execute(f"SELECT count(*) FROM {result}").fetchone()[0]
+            job.total_rows = self._db.execute(f"SELECT count(*) FROM {result}").fetchall()[0][0]
             job.total_bytes = 8 * job.total_rows * max(1, len(job.schema))
             self._db.execute("COMMIT")
         except BaseException:
@@ -705,7 +705,7 @@ class BigQueryStandIn(StandIn):
         disposition = query.get("writeDisposition", "WRITE_EMPTY")
         target = f"{_q(self._schema(project, dataset))}.{_q(table)}"
         if meta is not None and disposition == "WRITE_EMPTY":
-            if self._db.execute(f"SELECT count(*) FROM {target}").fetchone()[0]:
+            if self._db.execute(f"SELECT count(*) FROM {target}").fetchall()[0][0]:
                 raise JobFailed("duplicate", f"Already Exists: Table {project}:{dataset}.{table}")
         if meta is not None and disposition == "WRITE_APPEND":
             try:
@@ -1001,7 +1001,7 @@ class BigQueryStandIn(StandIn):
     def _table_resource(self, t: TableMeta) -> dict[str, Any]:
         relation = f"{_q(self._schema(t.project, t.dataset))}.{_q(t.table)}"
         schema = self._bq_schema(relation)
-        rows = self._db.execute(f"SELECT count(*) FROM {relation}").fetchone()[0]
+        rows = self._db.execute(f"SELECT count(*) FROM {relation}").fetchall()[0][0]
         return {
             "kind": "bigquery#table",
             "etag": f'"{t.modified_ms}"',
@@ -1085,7 +1085,7 @@ class BigQueryStandIn(StandIn):
             if selected:
                 wanted = [name.strip() for name in selected.split(",")]
                 schema = [f for f in schema if f["name"] in wanted]
-            total = self._db.execute(f"SELECT count(*) FROM {relation}").fetchone()[0]
+            total = self._db.execute(f"SELECT count(*) FROM {relation}").fetchall()[0][0]
             rows, token = self._page(req, relation, schema, total)
         body: dict[str, Any] = {"kind": "bigquery#tableDataList", "etag": f'"{total}"', "totalRows": str(total)}
         if rows:

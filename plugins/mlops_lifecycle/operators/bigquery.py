@@ -96,16 +96,22 @@ class BigQuerySnapshotOperator(LifecycleOperator):
                     cancel_on_kill=True,
                 ),
                 method_name="execute_complete",
-                kwargs={"reused": reused},
+                kwargs={"reused": reused, "job_id": job.job_id},
             )
         if job.error_result:
             raise SnapshotError(f"BigQuery job {job.job_id} failed: {job.error_result}")
         return self._result(context, job.job_id, reused)
 
-    def execute_complete(self, context: Context, event: dict[str, Any], reused: bool = False) -> dict[str, Any]:
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], reused: bool = False, job_id: str | None = None
+    ) -> dict[str, Any]:
+        job_id = event.get("job_id") or job_id
         if event.get("status") != "success":
-            raise SnapshotError(f"BigQuery job {event.get('job_id')}: {event.get('message', event)}")
-        return self._result(context, event["job_id"], reused)
+            cfg = self.extract_cfg
+            raise SnapshotError(
+                f"BigQuery job {cfg.project}:{cfg.location}.{job_id} failed: {event.get('message', event)}"
+            )
+        return self._result(context, job_id, reused)
 
     def _result(self, context: Context, job_id: str, reused: bool) -> dict[str, Any]:
         window = self.window(context)
@@ -113,6 +119,8 @@ class BigQuerySnapshotOperator(LifecycleOperator):
         client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
         rows = client.get_table(table).num_rows
         if not rows:
+            # dropped, so a retry queries again (data may land late) instead of reusing the empty result
+            client.delete_table(table, not_found_ok=True)
             raise SnapshotError(
                 f"Snapshot {table} (job {job_id}) is empty: the SQL returned no rows for {window.label}"
             )
@@ -151,11 +159,24 @@ class BigQuerySnapshotOperator(LifecycleOperator):
             if job.state != "DONE":
                 self.log.info("Job %s is %s: reattaching instead of running the query again", job_id, job.state)
                 return job, False
-            if not job.error_result:
+            if job.error_result:
+                self.log.warning("Job %s failed earlier (%s): submitting the next attempt", job_id, job.error_result)
+            elif self._table_exists(snapshot_table_of(configuration)):
                 self.log.info("Job %s already succeeded: reusing its snapshot, not running the query again", job_id)
                 return job, True
-            self.log.warning("Job %s failed earlier (%s): submitting the next attempt", job_id, job.error_result)
+            else:
+                self.log.warning("Job %s succeeded but its snapshot was dropped (empty): querying again", job_id)
         raise SnapshotError(f"{MAX_ATTEMPTS} query jobs for {base_id} failed; see them in BigQuery")
+
+    def _table_exists(self, table: str) -> bool:
+        from google.api_core.exceptions import NotFound
+
+        client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+        try:
+            client.get_table(table)
+        except NotFound:
+            return False
+        return True
 
     def on_kill(self) -> None:
         job_id = getattr(self, "_job_id", None)
@@ -164,6 +185,11 @@ class BigQuerySnapshotOperator(LifecycleOperator):
             self.bigquery.cancel_job(
                 job_id=job_id, project_id=self.extract_cfg.project, location=self.extract_cfg.location
             )
+
+
+def snapshot_table_of(configuration: dict[str, Any]) -> str:
+    dest = configuration["query"]["destinationTable"]
+    return f"{dest['projectId']}.{dest['datasetId']}.{dest['tableId']}"
 
 
 def job_id_for(run_key: str, airflow_run_id: str) -> str:
