@@ -6,6 +6,9 @@ Connection ``mlflow_default`` (any type, e.g. ``http``):
 - ``password`` is an access token, handed to MLflow as ``MLFLOW_TRACKING_TOKEN`` and never logged;
 - ``extra.ui_url`` is where people browse it (for links in the Airflow UI); defaults to the
   tracking URI when that is http(s).
+- MLflow on Databricks: ``extra.tracking_uri: databricks``, ``host`` the workspace URL and the
+  ``password`` a Databricks token, handed to MLflow as ``DATABRICKS_HOST``/``DATABRICKS_TOKEN``; links
+  then point into the workspace.
 
 Registry moves are compare-and-set (read the alias, check, move, read back) and audit tags are
 append-only: a tag is written once and never silently changed.
@@ -51,8 +54,28 @@ class MlflowRegistryHook(BaseHook):
                 )
             host = conn.host if "://" in conn.host else f"{conn.schema or 'http'}://{conn.host}"
             uri = f"{host}:{conn.port}" if conn.port else host
+        if self._on_databricks(uri):
+            if not conn.host or not conn.password:
+                raise LifecycleError(
+                    f"Connection '{self.mlflow_conn_id}': tracking_uri {uri} needs host (the workspace URL) and "
+                    "password (a Databricks token)"
+                )
+            workspace = conn.host if "://" in conn.host else f"https://{conn.host}"
+            return uri, conn.password, extra.get("ui_url") or workspace.rstrip("/")
         ui = extra.get("ui_url") or (uri if uri.startswith(("http://", "https://")) else None)
         return uri, conn.password or None, ui
+
+    @staticmethod
+    def _on_databricks(uri: str) -> bool:
+        return uri == "databricks" or uri.startswith("databricks://")
+
+    def _token_env(self) -> dict[str, str]:
+        uri, token, ui = self._connection_settings
+        if not token:
+            return {}
+        if self._on_databricks(uri):
+            return {"DATABRICKS_HOST": ui or "", "DATABRICKS_TOKEN": token}
+        return {"MLFLOW_TRACKING_TOKEN": token}
 
     @property
     def tracking_uri(self) -> str:
@@ -60,28 +83,26 @@ class MlflowRegistryHook(BaseHook):
 
     def process_env(self) -> dict[str, str]:
         """Environment for a child process (training, service) to reach the same MLflow."""
-        uri, token, _ = self._connection_settings
-        env = {"MLFLOW_TRACKING_URI": uri}
-        if token:
-            env["MLFLOW_TRACKING_TOKEN"] = token
-        return env
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri, **self._token_env()}
 
     @cached_property
     def client(self) -> MlflowClient:
         from mlflow.tracking import MlflowClient
 
-        uri, token, _ = self._connection_settings
-        if token:
-            os.environ["MLFLOW_TRACKING_TOKEN"] = token
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        os.environ.update(self._token_env())
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     # links -----------------------------------------------------------------------------------
     def run_url(self, experiment_id: str, run_id: str) -> str | None:
         ui = self._connection_settings[2]
+        if ui and self._on_databricks(self.tracking_uri):
+            return f"{ui}/ml/experiments/{experiment_id}/runs/{run_id}"
         return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if ui else None
 
     def model_version_url(self, name: str, version: str) -> str | None:
         ui = self._connection_settings[2]
+        if ui and self._on_databricks(self.tracking_uri):
+            return f"{ui}/ml/models/{quote(name)}/versions/{version}"
         return f"{ui.rstrip('/')}/#/models/{quote(name)}/versions/{version}" if ui else None
 
     # tracking ---------------------------------------------------------------------------------

@@ -164,6 +164,9 @@ class PipelineSucceededTrigger(_GitLabPollTrigger):
             return seen, {**base, "status": "success", "message": f"Pipeline {p.id} of {self.sha[:12]} succeeded"}
         if p.status in TERMINAL_FAILURES:
             return seen, {**base, "status": "rejected", "message": f"Pipeline {p.id} of {self.sha[:12]} {p.status}"}
+        if p.status in ("manual", "blocked", "scheduled", "waiting_for_resource"):
+            # e.g. a protected production deployment waiting for someone to run it: still waiting
+            seen += f" (waiting for a person or a resource: {p.web_url})"
         return seen, None
 
 
