@@ -18,7 +18,6 @@ does not import the Google libraries.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -40,7 +39,8 @@ from mlops_lifecycle.exceptions import SnapshotError
 from mlops_lifecycle.operators.bigquery import BigQuerySnapshotOperator, job_id_for, label, snapshot_table
 from standins.base import Fault
 from standins.bigquery import BigQueryStandIn
-from trigger_events import first_event
+from trigger_events import deferral as defers
+from trigger_events import event_of
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "include" / "examples" / "production" / "demand_forecast.yaml"
@@ -121,18 +121,7 @@ def operator(config: ModelLineConfig) -> BigQuerySnapshotOperator:
 
 def deferral(config: ModelLineConfig, ctx: dict[str, Any]) -> TaskDeferred:
     """``execute`` must defer to ``execute_complete``."""
-    with pytest.raises(TaskDeferred) as deferred:
-        operator(config).execute(ctx)
-    assert deferred.value.method_name == "execute_complete"
-    return deferred.value
-
-
-def event_of(deferred: TaskDeferred) -> dict[str, Any]:
-    """The trigger rebuilt from its serialised form (as the triggerer does), run to its first event."""
-    classpath, kwargs = deferred.trigger.serialize()
-    module, _, name = classpath.rpartition(".")
-    trigger = getattr(importlib.import_module(module), name)(**kwargs)
-    return first_event(trigger, timeout=15)
+    return defers(lambda: operator(config).execute(ctx))
 
 
 def finish(standin: BigQueryStandIn, deferred: TaskDeferred, ctx: dict[str, Any], config: ModelLineConfig) -> Any:

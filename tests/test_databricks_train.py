@@ -44,7 +44,8 @@ from mlops_lifecycle.operators.data import TrainOperator
 from mlops_lifecycle.operators.databricks import JOB_DEFINED_REVISION, DatabricksTrainOperator, idempotency_token
 from standins.base import Fault
 from standins.databricks import DatabricksStandIn
-from trigger_events import first_event
+from trigger_events import deferral as defers
+from trigger_events import event_of as trigger_event_of
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "include" / "examples" / "production" / "demand_forecast.yaml"
@@ -270,18 +271,11 @@ def operator(config: ModelLineConfig, **kwargs: Any) -> DatabricksTrainOperator:
 
 def deferral(op: DatabricksTrainOperator) -> TaskDeferred:
     """``execute`` must defer to ``execute_complete``."""
-    with pytest.raises(TaskDeferred) as deferred:
-        op.execute(context())
-    assert deferred.value.method_name == "execute_complete"
-    return deferred.value
+    return defers(lambda: op.execute(context()))
 
 
 def event_of(deferred: TaskDeferred) -> dict[str, Any]:
-    """The trigger rebuilt from its serialised form (as the triggerer does), run to its first event."""
-    classpath, kwargs = deferred.trigger.serialize()
-    module, _, name = classpath.rpartition(".")
-    trigger = getattr(importlib.import_module(module), name)(**kwargs)
-    return first_event(trigger, timeout=20)
+    return trigger_event_of(deferred, timeout=20)
 
 
 def defer(op: DatabricksTrainOperator) -> tuple[TaskDeferred, dict[str, Any]]:

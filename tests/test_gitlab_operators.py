@@ -11,7 +11,6 @@ deployment stops the run without retries, and the reason is on the MLflow run.
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 import uuid
@@ -41,7 +40,7 @@ from mlops_lifecycle.triggers.gitlab import (
 )
 from standins.base import Fault
 from standins.gitlab import AutoReview, CIPlan, GitLabStandIn
-from trigger_events import first_event
+from trigger_events import deferral, event_of
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "include" / "examples" / "production" / "demand_forecast.yaml"
@@ -129,13 +128,8 @@ def context() -> dict[str, Any]:
 
 def defer(operator: Any, **override: Any) -> tuple[TaskDeferred, dict[str, Any]]:
     """``execute`` must defer; the trigger is rebuilt from its serialised form (as the triggerer does) and run."""
-    with pytest.raises(TaskDeferred) as deferred:
-        operator.execute(context())
-    assert deferred.value.method_name == "execute_complete"
-    classpath, kwargs = deferred.value.trigger.serialize()
-    module, _, name = classpath.rpartition(".")
-    trigger = getattr(importlib.import_module(module), name)(**{**kwargs, **override})
-    return deferred.value, first_event(trigger)
+    deferred = deferral(lambda: operator.execute(context()))
+    return deferred, event_of(deferred, timeout=10, **override)
 
 
 def open_review(config, candidate, verdict) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from google.cloud import bigquery
 
 from standins.base import Fault
 from standins.bigquery import BigQueryStandIn
+from trigger_events import TaskStateStore, provider_context
 
 PROJECT = "test-project"
 ORDERS = f"{PROJECT}.sales.orders"
@@ -299,28 +300,6 @@ def test_database_file_keeps_tables_and_dataset_locations(tmp_path) -> None:
 
 
 # -- apache-airflow-providers-google ----------------------------------------------------------------
-class _TaskInstance:
-    """What the operator touches on ``context["ti"]``."""
-
-    stats_tags: dict[str, str] = {}
-
-    def __init__(self, try_number: int = 1) -> None:
-        self.try_number = try_number
-        self.xcom: dict[str, Any] = {}
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.xcom[key] = value
-
-
-class _TaskStateStore(dict):
-    def set(self, key: str, value: Any) -> None:
-        self[key] = value
-
-
-def _context(try_number: int = 1, store: _TaskStateStore | None = None) -> dict[str, Any]:
-    return {"ti": _TaskInstance(try_number), "task_state_store": store if store is not None else _TaskStateStore()}
-
-
 def _configuration() -> dict[str, Any]:
     return {
         "query": {
@@ -389,7 +368,7 @@ def _defer(op: BigQueryInsertJobOperator, context: dict[str, Any]) -> BigQueryIn
 
 
 def test_deferrable_insert_job_operator_and_trigger(standin, slow_jobs) -> None:
-    context = _context()
+    context = provider_context()
     op = _operator()
 
     trigger = _defer(op, context)
@@ -421,19 +400,19 @@ def test_deferrable_insert_job_operator_and_trigger(standin, slow_jobs) -> None:
     # a retry of the task once the job is DONE: same id (same configuration), the SQL does not run again,
     # and the provider refuses to go on
     with pytest.raises(AirflowException) as refused:
-        _operator().execute(_context(try_number=2))
+        _operator().execute(provider_context(try_number=2))
     assert str(refused.value) == (
         f"Job with id: {job_id} already exists and is in DONE state. If you want to force rerun it consider "
         "setting `force_rerun=True`.Or, if you want to reattach in this scenario add DONE to `reattach_states`"
     )
     with pytest.raises(AirflowException, match="^Job is already in state DONE. Can not reattach to this job.$"):
-        _operator(reattach_states={"PENDING", "RUNNING", "DONE"}).execute(_context(try_number=2))
+        _operator(reattach_states={"PENDING", "RUNNING", "DONE"}).execute(provider_context(try_number=2))
     assert standin.query_executions == 1
 
 
 def test_retry_while_running_reattaches(standin, slow_jobs) -> None:
-    first = _defer(_operator(), _context())
-    second = _defer(_operator(), _context(try_number=2))  # the job is still RUNNING: Conflict, then reattach
+    first = _defer(_operator(), provider_context())
+    second = _defer(_operator(), provider_context(try_number=2))  # the job is still RUNNING: Conflict, then reattach
 
     assert second.job_id == first.job_id
     assert _first_event(second)["status"] == "success"
@@ -446,7 +425,7 @@ def test_lost_answer_to_jobs_insert_reattaches(standin) -> None:
     standin.job_seconds = 30  # the client waits up to 1 s before it retries the insert: keep the job RUNNING
     standin.inject("POST", r".*/projects/test-project/jobs", Fault.drop_after())
 
-    trigger = _defer(_operator(), _context())
+    trigger = _defer(_operator(), provider_context())
     standin.finish_job(trigger.job_id)
 
     assert _first_event(trigger)["status"] == "success"
@@ -457,7 +436,7 @@ def test_lost_answer_to_jobs_insert_reattaches(standin) -> None:
 def test_failed_job_reaches_execute_complete_as_an_error(standin, slow_jobs) -> None:
     op = _operator()
     op.configuration["query"]["query"] = "SELECT * FROM `test-project.sales.missing`"
-    context = _context()
+    context = provider_context()
 
     event = _first_event(_defer(op, context))
 
@@ -468,11 +447,11 @@ def test_failed_job_reaches_execute_complete_as_an_error(standin, slow_jobs) -> 
 
 
 def test_non_deferrable_retry_uses_the_task_state_store(standin) -> None:
-    store = _TaskStateStore()
-    job_id = _operator(deferrable=False).execute(_context(store=store))
+    store = TaskStateStore()
+    job_id = _operator(deferrable=False).execute(provider_context(store=store))
     assert store["bigquery_job_id"] == job_id and standin.job(job_id).state == "DONE"
 
-    again = _operator(deferrable=False).execute(_context(try_number=2, store=store))
+    again = _operator(deferrable=False).execute(provider_context(try_number=2, store=store))
 
     assert again == job_id
     assert standin.query_executions == 1
@@ -482,7 +461,7 @@ def test_non_deferrable_retry_uses_the_task_state_store(standin) -> None:
 def test_trigger_on_kill_cancels_through_gcloud_aio(standin, monkeypatch) -> None:
     """gcloud-aio-bigquery (the async hook's cancel) wants the emulator host without a scheme, and sends no token."""
     standin.job_seconds = 5
-    trigger = _defer(_operator(), _context())
+    trigger = _defer(_operator(), provider_context())
     standin.require_auth = False
     monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", standin.aio_emulator_host)
 

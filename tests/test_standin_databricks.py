@@ -24,6 +24,7 @@ from airflow.providers.databricks.operators.databricks import DatabricksRunNowOp
 from airflow.providers.databricks.triggers.databricks import DatabricksExecutionTrigger
 
 from standins.databricks import DatabricksStandIn
+from trigger_events import provider_context
 
 CONN_ID = "databricks_test"
 SECRET = "s3cr3t-mlflow-token-value"
@@ -155,27 +156,6 @@ def _wait_file(path: Path, timeout: float = 10.0) -> dict[str, Any]:
     raise AssertionError(f"{path} was not written")
 
 
-class _TaskInstance:
-    """What the operators touch on ``context["ti"]``."""
-
-    stats_tags: dict[str, str] = {}
-
-    def __init__(self) -> None:
-        self.xcom: dict[str, Any] = {}
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.xcom[key] = value
-
-
-class _TaskStateStore(dict):
-    def set(self, key: str, value: Any) -> None:
-        self[key] = value
-
-
-def _context() -> dict[str, Any]:
-    return {"ti": _TaskInstance(), "task_state_store": _TaskStateStore()}
-
-
 def _pid_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -286,7 +266,7 @@ def _operator(code_repo, out: Path, *args: str, **kwargs: Any) -> DatabricksSubm
 
 def test_submit_operator_success_resolves_secrets_without_echoing_them(standin, hook, code_repo, tmp_path) -> None:
     out = tmp_path / "out.json"
-    context = _context()
+    context = provider_context()
     op = _operator(code_repo, out, "--print-secret", idempotency_token="demand_forecast-20240102-train")
 
     op.execute(context)
@@ -307,7 +287,7 @@ def test_submit_operator_failure_carries_the_reason(standin, code_repo, tmp_path
     op = _operator(code_repo, tmp_path / "out.json", "--exit", "3")
 
     with pytest.raises(AirflowException) as info:
-        op.execute(_context())
+        op.execute(provider_context())
 
     message = str(info.value)
     assert "FAILED" in message
@@ -320,7 +300,7 @@ def test_submit_operator_unknown_secret_fails_before_launching(standin, code_rep
     op.tasks[0]["new_cluster"]["spark_env_vars"] = {"MLFLOW_TRACKING_TOKEN": "{{secrets/mlops/missing}}"}
 
     with pytest.raises(AirflowException, match="secret does not exist with scope: mlops and key: missing"):
-        op.execute(_context())
+        op.execute(provider_context())
 
     assert standin.launches == 0
 
@@ -329,7 +309,7 @@ def test_retried_task_reconnects_to_the_running_run(standin, hook, code_repo, tm
     """The provider's crash recovery: a stored run id is polled again, nothing is resubmitted."""
     out = tmp_path / "out.json"
     running = hook.submit_run(_payload(code_repo, out, "--sleep", "0.5"))
-    context = _context()
+    context = provider_context()
     op = _operator(code_repo, out)
     context["task_state_store"].set(op.external_id_key, running)
 
@@ -341,7 +321,7 @@ def test_retried_task_reconnects_to_the_running_run(standin, hook, code_repo, tm
 
 
 def test_deferrable_operator_and_trigger(standin, code_repo, tmp_path) -> None:
-    context = _context()
+    context = provider_context()
     op = _operator(code_repo, tmp_path / "out.json", "--exit", "4", deferrable=True)
 
     with pytest.raises(TaskDeferred) as deferred:
@@ -378,7 +358,7 @@ def test_run_now_operator_finds_the_job_by_name_and_passes_job_parameters(standi
             "parameters": [{"name": "window_start", "default": "1970-01-01"}],
         }
     )
-    context = _context()
+    context = provider_context()
     train = DatabricksRunNowOperator(
         task_id="train",
         databricks_conn_id=CONN_ID,
@@ -389,7 +369,7 @@ def test_run_now_operator_finds_the_job_by_name_and_passes_job_parameters(standi
     )
 
     train.execute(context)
-    train.execute(_context())  # same token: the same run, not a second one
+    train.execute(provider_context())  # same token: the same run, not a second one
 
     assert _wait_file(out)["argv"][-2:] == ["--window", "2024-01-03"]
     assert standin.launches == 1
