@@ -654,6 +654,26 @@ def test_python_file_is_relative_when_include_is_the_repository_root(setup) -> N
     assert payload["tasks"][0]["spark_python_task"]["python_file"] == ENTRYPOINT
 
 
+def test_notebook_and_wheel_tasks_carry_the_same_arguments(setup) -> None:
+    """The stand-in runs only Python files; the other task types are checked as the requests we send."""
+    notebook = operator(setup.config(lambda raw: raw["train"].update(task="notebook")))
+    window = notebook.window(context())
+    args = notebook.entrypoint_args(context(), window, setup.repo.commit)
+    task = notebook.run_payload(context(), window)["tasks"][0]
+    assert task["notebook_task"] == {
+        "notebook_path": "include/" + ENTRYPOINT.removesuffix(".py"),
+        "base_parameters": {"argv": json.dumps(args)},
+        "source": "GIT",
+    }
+
+    wheel = {"package_name": "mlops_training", "entry_point": "demand_forecast"}
+    op = operator(setup.config(lambda raw: raw["train"].update(task="wheel", wheel=wheel)))
+    payload = op.run_payload(context(), window)
+    args = op.entrypoint_args(context(), window, setup.repo.commit)
+    assert payload["tasks"][0]["python_wheel_task"] == {**wheel, "parameters": args}
+    assert payload["git_source"]["git_commit"] == setup.repo.commit and setup.standin.log == []
+
+
 # -- the code revision a remote run checks out -----------------------------------------------------
 def test_full_code_revision_reads_git_and_refuses_a_dirty_checkout(code_repo, monkeypatch) -> None:
     monkeypatch.delenv("MLOPS_CODE_REVISION")
