@@ -7,19 +7,14 @@ Also measures what the issue asks for: worker slots held while waiting on review
 from __future__ import annotations
 
 import copy
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from conftest import MODEL_LINES, REVIEWER, REVIEWER_PASSWORD
+from conftest import MODEL_LINES, REVIEWER
 from mlops_lifecycle import devstack, paths
+from standalone import start_standalone
 
 pytestmark = pytest.mark.e2e
 
@@ -39,55 +34,10 @@ def api(stack):  # noqa: ANN001, ANN201
     data["review"].update(auto_approve=False, reviewers=[REVIEWER])
     (MODEL_LINES / f"{LINE}.yaml").write_text(yaml.safe_dump(data))
 
-    api_port = devstack.free_port()
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "AIRFLOW__API__PORT": str(api_port),
-        # free ports for the log servers too, so a `make up` running beside the tests does not clash
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(devstack.free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(devstack.free_port()),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
-        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-    }
-    log = open(Path(os.environ["AIRFLOW_HOME"]) / "standalone.log", "ab")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("airflow")), "standalone"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, "airflow standalone exited; see standalone.log in the Airflow home"
-            try:
-                health = client.get("/api/v2/monitor/health").json()
-                if all(
-                    health.get(c, {}).get("status") == "healthy" for c in ("scheduler", "triggerer", "dag_processor")
-                ):
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            assert time.monotonic() < deadline, "airflow standalone did not become healthy in 180 s"
-            time.sleep(1)
-        token = client.post("/auth/token", json={"username": REVIEWER, "password": REVIEWER_PASSWORD})
-        token.raise_for_status()
-        client.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
-        yield client
+        with start_standalone("standalone.log") as standalone:
+            yield standalone.api
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
         (MODEL_LINES / f"{LINE}.yaml").unlink()
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,8 +31,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REVIEWER, REVIEWER_PASSWORD
 from mlops_lifecycle import devstack
+from standalone import session_processes, start_standalone
 from test_airflow_standalone import wait_for
 from test_production_lifecycle_e2e import DAG_ID, ProductionStack, window
 
@@ -74,102 +72,19 @@ def production(stack, tmp_path_factory):  # noqa: ANN001, ANN201
         monkeypatch.undo()
 
 
-@dataclass
-class Standalone:
-    proc: subprocess.Popen
-    api: httpx.Client
-
-    @property
-    def session_id(self) -> int:
-        return self.proc.pid  # started with start_new_session: the session (and group) leader
-
-
-def _session_processes(sid: int) -> dict[int, str]:
-    """pid -> process title (cmdline) of every live process in session ``sid``."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            if os.getsid(pid) != sid:
-                continue
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:  # gone meanwhile
-            continue
-        found[pid] = title
-    return found
-
-
 @pytest.fixture
 def standalone(production):  # noqa: ANN001, ANN201
     """`airflow standalone` over this process's environment (stand-in connections included).
 
-    Same start, health wait and login as ``test_airflow_standalone.api``, plus
+    ``standalone.start_standalone``, as ``test_airflow_standalone.api`` uses it, plus
     ``[scheduler] use_job_schedule = False``: unpausing the DAG must not add the latest scheduled
     run beside the manual one under test (catchup=False still creates one).
     """
-    api_port = devstack.free_port()
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(devstack.free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(devstack.free_port()),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
-        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-    }
-    log_path = Path(os.environ["AIRFLOW_HOME"]) / "standalone-production.log"
-    log = open(log_path, "ab")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("airflow")), "standalone"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
-    launched = time.monotonic()
-    try:
-        deadline = launched + 180
-        while True:
-            assert proc.poll() is None, f"airflow standalone exited; see {log_path}"
-            try:
-                health = client.get("/api/v2/monitor/health").json()
-                if all(
-                    health.get(c, {}).get("status") == "healthy" for c in ("scheduler", "triggerer", "dag_processor")
-                ):
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            assert time.monotonic() < deadline, f"airflow standalone did not become healthy in 180 s; see {log_path}"
-            time.sleep(1)
-        token = client.post("/auth/token", json={"username": REVIEWER, "password": REVIEWER_PASSWORD})
-        token.raise_for_status()
-        client.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
-        print(f"\nairflow standalone healthy after {time.monotonic() - launched:.0f} s")
-        yield Standalone(proc, client)
-    finally:
-        client.close()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        # anything of that session still alive (a task runner that left the process group): by pid
-        for pid in _session_processes(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+    with start_standalone(
+        "standalone-production.log", extra_env={"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
+    ) as started:
+        print(f"\nairflow standalone healthy after {started.healthy_after:.0f} s")
+        yield started
 
 
 @dataclass
@@ -199,7 +114,7 @@ def _busy_workers(sid: int) -> list[str]:
 
     A worker forks the task process, which keeps the title for a moment: count task instances, not pids.
     """
-    titles = _session_processes(sid).values()
+    titles = session_processes(sid).values()
     return sorted({t.removeprefix(WORKER_TITLE).strip() for t in titles if t.startswith(WORKER_TITLE)} - {"<idle>"})
 
 
