@@ -433,15 +433,37 @@ def load_model_line(path: Path) -> ModelLineConfig:
     return config
 
 
+_LOADED: dict[tuple[object, ...], tuple[list[ModelLineConfig], list[ModelLineConfigError]]] = {}
+
+
+def _folder_state(folder: Path) -> tuple[object, ...]:
+    """What the result depends on: every YAML file's name, size and mtime, and the include folder."""
+    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.yaml")))
+    return (str(folder), str(paths.include_dir()), files)
+
+
 def load_model_lines(
     folder: Path | None = None,
 ) -> tuple[list[ModelLineConfig], list[ModelLineConfigError]]:
+    """Validate every ``*.yaml`` in ``folder`` (cached per process while the files are unchanged).
+
+    Both DAG files of the folder ask for the same result when one process parses them both.
+    """
+    folder = folder or paths.model_lines_dir()
+    key = _folder_state(folder)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = _load_model_lines(folder)
+    configs, errors = _LOADED[key]
+    return list(configs), list(errors)
+
+
+def _load_model_lines(folder: Path) -> tuple[list[ModelLineConfig], list[ModelLineConfigError]]:
     """Validate every ``*.yaml`` in ``folder``; return (valid configs, one error per invalid file).
 
     Lines that clash with an earlier valid line (same registered model, same service port) are
     reported as errors too, and left out.
     """
-    folder = folder or paths.model_lines_dir()
     configs: list[ModelLineConfig] = []
     errors: list[ModelLineConfigError] = []
     owners: dict[tuple[str, object], str] = {}
