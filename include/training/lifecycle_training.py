@@ -6,7 +6,7 @@ An entrypoint states only what is specific to its model line (features, estimato
 metric names, the reference profile, the registered version and its tags, the final JSON line) is
 produced here, the same way for every line.
 
-It runs as a plain process, locally now and on Databricks later, so it imports nothing from Airflow.
+It runs as a plain process, locally or on a Databricks cluster, so it imports nothing from Airflow.
 The MLflow tracking URI and token come from ``MLFLOW_TRACKING_URI`` / ``MLFLOW_TRACKING_TOKEN``.
 mlflow is imported inside functions: it costs seconds and the profile/metric helpers do not need it.
 
