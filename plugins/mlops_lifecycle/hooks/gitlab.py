@@ -240,34 +240,30 @@ class GitLabHook(BaseHook):
         reviewers: list[str],
     ) -> tuple[Any, bool]:
         """(MR, created now). One MR per source branch: a retry finds the first try's MR."""
-        with _naming(project, f"opening the merge request {source} -> {target}"):
-            return self._create_merge_request(project, source, target, title, description, labels, reviewers)
-
-    def _create_merge_request(self, project: str, source: str, target: str, *fields: Any) -> tuple[Any, bool]:
         import gitlab
 
-        title, description, labels, reviewers = fields
-        existing = self.find_merge_request(project, source, target)
-        if existing is not None and existing.state != "closed":
-            return existing, False
-        data: dict[str, Any] = {
-            "source_branch": source,
-            "target_branch": target,
-            "title": title,
-            "description": description,
-            "labels": ",".join(labels),
-            "remove_source_branch": False,
-        }
-        reviewer_ids = self.user_ids(reviewers)
-        if reviewer_ids:
-            data["reviewer_ids"] = reviewer_ids
-        try:
-            return self.project(project).mergerequests.create(data), True
-        except gitlab.GitlabCreateError:
-            found = self.find_merge_request(project, source, target)  # 409: our own earlier try made it
-            if found is None or found.state == "closed":
-                raise
-            return found, False
+        with _naming(project, f"opening the merge request {source} -> {target}"):
+            existing = self.find_merge_request(project, source, target)
+            if existing is not None and existing.state != "closed":
+                return existing, False
+            data: dict[str, Any] = {
+                "source_branch": source,
+                "target_branch": target,
+                "title": title,
+                "description": description,
+                "labels": ",".join(labels),
+                "remove_source_branch": False,
+            }
+            reviewer_ids = self.user_ids(reviewers)
+            if reviewer_ids:
+                data["reviewer_ids"] = reviewer_ids
+            try:
+                return self.project(project).mergerequests.create(data), True
+            except gitlab.GitlabCreateError:
+                found = self.find_merge_request(project, source, target)  # 409: our own earlier try made it
+                if found is None or found.state == "closed":
+                    raise
+                return found, False
 
     def user_ids(self, usernames: list[str]) -> list[int]:
         ids = []

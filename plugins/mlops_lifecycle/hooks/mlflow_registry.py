@@ -69,6 +69,11 @@ class MlflowRegistryHook(BaseHook):
     def _on_databricks(uri: str) -> bool:
         return uri == "databricks" or uri.startswith("databricks://")
 
+    @property
+    def tracks_on_databricks(self) -> bool:
+        """MLflow of a Databricks workspace: a cluster there reaches it without our URI or token."""
+        return self._on_databricks(self.tracking_uri)
+
     def _token_env(self) -> dict[str, str]:
         uri, token, ui = self._connection_settings
         if not token:
@@ -95,13 +100,13 @@ class MlflowRegistryHook(BaseHook):
     # links -----------------------------------------------------------------------------------
     def run_url(self, experiment_id: str, run_id: str) -> str | None:
         ui = self._connection_settings[2]
-        if ui and self._on_databricks(self.tracking_uri):
+        if ui and self.tracks_on_databricks:
             return f"{ui}/ml/experiments/{experiment_id}/runs/{run_id}"
         return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if ui else None
 
     def model_version_url(self, name: str, version: str) -> str | None:
         ui = self._connection_settings[2]
-        if ui and self._on_databricks(self.tracking_uri):
+        if ui and self.tracks_on_databricks:
             return f"{ui}/ml/models/{quote(name)}/versions/{version}"
         return f"{ui.rstrip('/')}/#/models/{quote(name)}/versions/{version}" if ui else None
 

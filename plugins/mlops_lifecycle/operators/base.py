@@ -87,10 +87,6 @@ def full_code_revision() -> str:
     Images built without ``.git`` set ``MLOPS_CODE_REVISION`` at build time. Uncommitted changes
     are refused: a remote run would silently train the committed code instead.
     """
-    import os
-
-    if os.environ.get("MLOPS_CODE_REVISION"):
-        return os.environ["MLOPS_CODE_REVISION"]
     revision = code_revision(short=False)
     if revision.endswith("-dirty") or revision.startswith("unknown"):
         from mlops_lifecycle.exceptions import LifecycleError

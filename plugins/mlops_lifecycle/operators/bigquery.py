@@ -80,7 +80,7 @@ class BigQuerySnapshotOperator(LifecycleOperator):
         }
         base_id = job_id_for(window.run_key, context["ti"].run_id)
         self.log.info("Run key %s: snapshot %s, query job %s", window.run_key, table, base_id)
-        job, reused = self._find_or_submit(base_id, configuration)
+        job, reused = self._find_or_submit(base_id, configuration, table)
         self._job_id = job.job_id
         if job.state != "DONE":
             from airflow.providers.google.cloud.triggers.bigquery import BigQueryInsertJobTrigger
@@ -134,7 +134,7 @@ class BigQuerySnapshotOperator(LifecycleOperator):
             **window.as_dict(),
         }
 
-    def _find_or_submit(self, base_id: str, configuration: dict[str, Any]) -> tuple[Any, bool]:
+    def _find_or_submit(self, base_id: str, configuration: dict[str, Any], table: str) -> tuple[Any, bool]:
         """(job, reused): the window's running or succeeded job, or a newly inserted one."""
         from google.api_core.exceptions import Conflict, NotFound
 
@@ -161,7 +161,7 @@ class BigQuerySnapshotOperator(LifecycleOperator):
                 return job, False
             if job.error_result:
                 self.log.warning("Job %s failed earlier (%s): submitting the next attempt", job_id, job.error_result)
-            elif self._table_exists(snapshot_table_of(configuration)):
+            elif self._table_exists(table):
                 self.log.info("Job %s already succeeded: reusing its snapshot, not running the query again", job_id)
                 return job, True
             else:
@@ -185,11 +185,6 @@ class BigQuerySnapshotOperator(LifecycleOperator):
             self.bigquery.cancel_job(
                 job_id=job_id, project_id=self.extract_cfg.project, location=self.extract_cfg.location
             )
-
-
-def snapshot_table_of(configuration: dict[str, Any]) -> str:
-    dest = configuration["query"]["destinationTable"]
-    return f"{dest['projectId']}.{dest['datasetId']}.{dest['tableId']}"
 
 
 def job_id_for(run_key: str, airflow_run_id: str) -> str:

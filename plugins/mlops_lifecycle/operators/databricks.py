@@ -162,7 +162,7 @@ class DatabricksTrainOperator(TrainOperator):
             cluster["spark_env_vars"] = {**cluster.get("spark_env_vars", {}), **self.mlflow_env()}
             task["new_cluster"] = cluster
         else:
-            if self.registry.tracking_uri != "databricks":
+            if not self.registry.tracks_on_databricks:
                 raise LifecycleError(
                     f"train.existing_cluster_id: a run on an existing cluster cannot be given MLFLOW_TRACKING_URI "
                     f"({self.registry.tracking_uri}); use 'cluster' (a job cluster), or track in the Databricks "
@@ -187,7 +187,7 @@ class DatabricksTrainOperator(TrainOperator):
         env = {"MLFLOW_TRACKING_URI": self.registry.tracking_uri}
         if self.train_cfg.mlflow_token_secret:
             env["MLFLOW_TRACKING_TOKEN"] = "{{secrets/" + self.train_cfg.mlflow_token_secret + "}}"
-        elif self.registry.process_env().get("MLFLOW_TRACKING_TOKEN") and self.registry.tracking_uri != "databricks":
+        elif self.registry.process_env().get("MLFLOW_TRACKING_TOKEN"):  # never set for workspace tracking
             raise LifecycleError(
                 f"Connection '{self.mlflow_conn_id}' carries an MLflow token, but train.mlflow_token_secret is not "
                 "set: store the token in a Databricks secret and name its scope/key there (it is never sent as a value)"

@@ -111,13 +111,11 @@ class AwaitMergeOperator(LifecycleOperator):
         self.set_link(GitLabMergeRequestLink.key, self.review["web_url"])
         c = self.candidate
         mr = (event or {}).get("mr") or {}
+        # an author approving their own merge request does not count
+        approvers = [a for a in mr.get("approvers") or [] if a != mr.get("author")]
         if event and event.get("status") in ("success", "rejected"):
-            author = mr.get("author")
             if event["status"] == "success":
-                tags = {
-                    "review.verdict": "approved",
-                    "review.approved_by": ",".join(a for a in mr.get("approvers") or [] if a != author),
-                }
+                tags = {"review.verdict": "approved", "review.approved_by": ",".join(approvers)}
             else:
                 who = mr.get("closed_by") if mr.get("state") == "closed" else mr.get("merged_by")
                 tags = {
@@ -132,7 +130,6 @@ class AwaitMergeOperator(LifecycleOperator):
                 "not retried; close the merge request or re-run the DAG to wait again. Registry unchanged."
             )
         _event_or_fail(event, ReviewRejected)
-        approvers = [a for a in mr["approvers"] if a != mr["author"]]
         self.log.info(event["message"])
         return {
             "decision": "approved",
