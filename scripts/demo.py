@@ -89,7 +89,7 @@ def summarize(config, window, result, tracking_uri: str) -> int:  # noqa: ANN001
         f"Service          {url}/version -> "
         + (
             f"{served.get('model_name')} v{served.get('model_version')}, run {served.get('run_id')}, "
-            f"revision {str(served.get('service_revision'))[:12]}"
+            f"revision {str(served.get('code_revision'))[:12]}"
             if served
             else "no answer"
         )
@@ -100,7 +100,7 @@ def summarize(config, window, result, tracking_uri: str) -> int:  # noqa: ANN001
         and aliases.get(config.registry.production_alias) == version
         and str(served.get("model_version")) == version
         and served.get("run_id") == run.info.run_id
-        and served.get("service_revision") == merged
+        and served.get("code_revision") == merged
     )
     out.append(
         "RESULT           "

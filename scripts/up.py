@@ -21,7 +21,7 @@ from mlops_lifecycle.adapters.local_service import LocalServiceDeployer  # noqa:
 
 
 def stop_services() -> None:
-    deployer = LocalServiceDeployer(paths.local_home() / "services", paths.include_dir() / "service")
+    deployer = LocalServiceDeployer(paths.local_home())
     for state in sorted((paths.local_home() / "services").glob("*.json")):
         deployer.stop(state.stem)
         print(f"stopped the {state.stem} service")

@@ -86,7 +86,7 @@ def stack(mlflow_server, airflow_db) -> Path:  # noqa: ANN001
     yield SESSION_HOME
     from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
 
-    deployer = LocalServiceDeployer(SESSION_HOME / "services", REPO / "include" / "service")
+    deployer = LocalServiceDeployer(SESSION_HOME)
     for state in (SESSION_HOME / "services").glob("*.json"):
         deployer.stop(state.stem)
 

@@ -11,6 +11,8 @@ import copy
 import http.server
 import json
 import threading
+import time
+import urllib.request
 from datetime import UTC, datetime
 
 import pytest
@@ -177,6 +179,33 @@ def test_first_lifecycle_promotes_and_records_everything(line):
     assert '"1"' in line.repo.read("main", f"models/{LINE}.yaml")
     assert line.served_version() == "1"
 
+    # Deployed the way the deployment repository's pipeline does: the pinned version packaged (the
+    # image's /opt/model), the service started on the package, the merge commit as its code revision.
+    served = devstack.service_version(f"http://127.0.0.1:{line.port}")
+    assert served["run_id"] == run.info.run_id and served["code_revision"] == merge_commit
+    [package] = (paths.local_home() / "packages").glob(f"{LINE}-v1-*/package.json")
+    manifest = json.loads(package.read_text())
+    assert (manifest["model_version"], manifest["run_id"]) == ("1", run.info.run_id)
+    assert manifest["golden_set_source"] == f"runs:/{run.info.run_id}/golden_set.json"
+    assert served["packaged_at"] == manifest["packaged_at"]
+    # ... and it logs what it scores where the drift monitor will read it.
+    golden = json.loads((package.parent / "golden_set.json").read_text())
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{line.port}/predict",
+        data=json.dumps({"rows": golden["rows"][:3]}).encode(),
+        headers={"Content-Type": "application/json", "X-Request-ID": "e2e-probe"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.loads(response.read())["predictions"] == pytest.approx(golden["predictions"][:3], rel=1e-6)
+    logged: list[dict] = []
+    for _ in range(50):
+        files = (paths.local_home() / "predictions" / LINE / "v1").glob("*/*.jsonl")
+        logged = [json.loads(x) for f in files for x in f.read_text().splitlines()]
+        if any(r["request_id"] == "e2e-probe" for r in logged):
+            break
+        time.sleep(0.1)
+    assert [r["row"] for r in logged if r["request_id"] == "e2e-probe"] == [0, 1, 2]
+
 
 def test_rerunning_a_window_does_nothing_twice(line):
     """Not even ask for approval again: with auto_approve off, a second ask would wait forever."""
@@ -279,7 +308,7 @@ class StaleService(http.server.ThreadingHTTPServer):
 def test_wrong_version_served_fails_verification_and_leaves_the_registry_untouched(line):
     from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
 
-    LocalServiceDeployer(paths.local_home() / "services", paths.include_dir() / "service").stop(LINE)
+    LocalServiceDeployer(paths.local_home()).stop(LINE)
     stale = StaleService(line.port, "1")
     line.write(deploy={"verify_timeout_seconds": 8, "poll_interval_seconds": 0.5})
     before = line.registry_state()

@@ -106,14 +106,13 @@ class ProductionStack:
         from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
         from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
 
-        pin = yaml.safe_load(files[f"models/{LINE}.yaml"])
-        LocalServiceDeployer(self.home / "services", REPO / "include" / "service").deploy(
-            model_line=LINE,
-            model_name=pin["model_name"],
-            model_version=self.serve_version_override or str(pin["model_version"]),
-            port=self.service_port,
-            env=MlflowRegistryHook().process_env(),
-            revision=sha,
+        pin = {key: str(value) for key, value in yaml.safe_load(files[f"models/{LINE}.yaml"]).items()}
+        registry = MlflowRegistryHook()
+        if self.serve_version_override:
+            other = registry.client.get_model_version(pin["model_name"], self.serve_version_override)
+            pin.update(model_version=other.version, run_id=other.run_id)
+        LocalServiceDeployer(self.home).deploy(
+            pin=pin, port=self.service_port, env=registry.process_env(), revision=sha
         )
 
     def write(self, **changes: object) -> None:
@@ -164,7 +163,7 @@ class ProductionStack:
     def stop(self) -> None:
         from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
 
-        LocalServiceDeployer(self.home / "services", REPO / "include" / "service").stop(LINE)
+        LocalServiceDeployer(self.home).stop(LINE)
         for standin in (self.gitlab, self.databricks, self.bigquery):
             standin.stop()
         (MODEL_LINES / f"{LINE}.yaml").unlink(missing_ok=True)

@@ -12,7 +12,7 @@ import pytest
 
 from mlops_lifecycle.triggers.service_version import ServiceVersionTrigger, identity_mismatch
 
-EXPECTED = {"model_name": "m", "model_version": "3", "run_id": "abc", "service_revision": "deadbeef"}
+EXPECTED = {"model_name": "m", "model_version": "3", "run_id": "abc", "code_revision": "deadbeef"}
 
 
 @pytest.fixture
@@ -64,10 +64,10 @@ def test_the_exact_deployment_passes(service):
 
 def test_same_version_from_another_revision_is_not_ours(service):
     url, state = service
-    state["answer"] = {**EXPECTED, "service_revision": "0ld"}
+    state["answer"] = {**EXPECTED, "code_revision": "0ld"}
     event = first_event(ServiceVersionTrigger(url, EXPECTED, deadline=time.time() + 0.5, poll_interval=0.1))
     assert event["status"] == "timeout"
-    assert "service_revision 0ld (expected deadbeef)" in event["message"]
+    assert "code_revision 0ld (expected deadbeef)" in event["message"]
 
 
 def test_nothing_listening_times_out_saying_so():

@@ -47,6 +47,8 @@ DATE_COLUMN = "date"
 PREDICTION_COLUMN = "prediction"
 MODEL_ARTIFACT = "model"
 PROFILE_ARTIFACT = "reference_profile.json"
+GOLDEN_SET_ARTIFACT = "golden_set.json"  # read by the deployment repository's package and smoke steps
+GOLDEN_SET_ROWS = 20
 PROFILE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 PROFILE_BINS = 10
 REGISTRATION_TIMEOUT_SECONDS = 300
@@ -386,6 +388,16 @@ def log_model(line: ModelLine, model: Any, holdout: pd.DataFrame) -> Any:
     )
 
 
+def golden_set(line: ModelLine, model: Any, holdout: pd.DataFrame) -> dict[str, Any]:
+    """Holdout rows as a service receives them (JSON records) and the predictions made for them here.
+
+    The deployment's smoke tests and the service's start-up compare what is served with these.
+    """
+    rows = holdout.sample(n=min(GOLDEN_SET_ROWS, len(holdout)), random_state=0)
+    records = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows.to_dict("records")]
+    return {"rows": records, "predictions": [float(p) for p in line.scores(line.model_output(model, rows))]}
+
+
 def production_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The version behind ``name@alias``, or None when the model or the alias does not exist.
 
@@ -544,6 +556,7 @@ def train_and_register(line: ModelLine, args: argparse.Namespace, client: Mlflow
 
     with phase("log model"):
         model_info = log_model(line, model, x_holdout)
+        mlflow.log_dict(golden_set(line, model, x_holdout), GOLDEN_SET_ARTIFACT)
     with phase("reference profile"):
         train_scores = line.scores(line.model_output(model, x_train))
         mlflow.log_dict(reference_profile(line, x_train, y_train, train_scores), PROFILE_ARTIFACT)

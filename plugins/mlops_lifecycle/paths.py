@@ -18,6 +18,11 @@ def include_dir() -> Path:
     return Path(os.environ.get("MLOPS_INCLUDE_DIR", REPO_ROOT / "include")).resolve()
 
 
+def deployment_dir() -> Path:
+    """The deployment repository template: model service, Dockerfile, Kubernetes manifests, CI."""
+    return include_dir() / "deployment"
+
+
 def model_lines_dir() -> Path:
     return Path(os.environ.get("MLOPS_MODEL_LINES_DIR", include_dir() / "model_lines")).resolve()
 

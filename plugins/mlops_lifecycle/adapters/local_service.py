@@ -1,9 +1,15 @@
 """Deploy, embedded local adapter: the model microservice as a local process, one per model line.
 
-The service is started from what was merged (the pin file in the deployment repository) and keeps
-running after the task ends, as a deployment would. Its pid, port and version are kept in a state
+It does what the deployment repository's pipeline does, without Docker or Kubernetes: the ``package``
+step of the template (``include/deployment``) downloads the pinned version into a model package (the
+image's ``/opt/model``), then the service process starts from the template's code with that package,
+so it never calls the registry. The package is reused while the pin is the same. The process keeps
+running after the task ends, as a deployment would; its pid, port and version are kept in a state
 file so the next deployment replaces it and a retry reuses it. Starting returns at once; whether the
 right version answers is the verify step's job (a deferrable wait), exactly as with Kubernetes.
+
+Under the local home: ``services/<line>.json|.log`` (state, service log), ``packages/<line>-v<N>-<run>/``
+(model packages), ``predictions/`` (the prediction log that drift monitoring reads).
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+
+from mlops_lifecycle import paths
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +44,18 @@ class ServiceState:
     revision: str = ""
 
     def answers_as_itself(self) -> bool:
-        """True if ``/version`` answers with this deployment's version and revision (not just a live pid)."""
+        """True if ``/version`` answers with this deployment's version and code revision (not just a live pid)."""
         try:
             with urllib.request.urlopen(f"{self.url}/version", timeout=3) as response:
                 answer = json.loads(response.read())
         except (OSError, ValueError):
             return False
-        return (
-            str(answer.get("model_version")) == self.model_version and answer.get("service_revision") == self.revision
-        )
+        return str(answer.get("model_version")) == self.model_version and answer.get("code_revision") == self.revision
+
+
+def _child_env() -> dict[str, str]:
+    """This process's environment without Airflow's and MLflow's settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_"))}
 
 
 def _port_in_use(port: int) -> bool:
@@ -67,10 +79,42 @@ def _alive(pid: int) -> bool:
         return True
 
 
+class PackagingFailed(RuntimeError):
+    """The template's ``package`` step failed (unknown version, pin and registry disagree, MLflow down)."""
+
+
 class LocalServiceDeployer:
-    def __init__(self, state_dir: Path, service_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.service_dir = service_dir
+    def __init__(self, home: Path) -> None:
+        self.state_dir = home / "services"
+        self.packages_dir = home / "packages"
+        self.predictions_dir = home / "predictions"
+        self.template_dir = paths.deployment_dir()
+
+    def package(self, pin: dict[str, str], env: dict[str, str], log_file: Path) -> Path:
+        """The model package of ``pin`` (built by the template's ``package`` step unless already there)."""
+        name = f"{pin['model_line']}-v{pin['model_version']}-{pin['run_id'][:12]}"
+        out = self.packages_dir / name
+        try:
+            manifest = json.loads((out / "package.json").read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        if all(str(manifest.get(key)) == str(value) for key, value in pin.items()):
+            log.info("Model package %s already built at %s: reusing it", name, manifest.get("packaged_at"))
+            return out
+        self.packages_dir.mkdir(parents=True, exist_ok=True)
+        pin_file = self.packages_dir / f"{name}.pin.yaml"
+        pin_file.write_text("".join(f'{key}: "{value}"\n' for key, value in pin.items()))
+        log.info("Packaging %s v%s (run %s) into %s", pin["model_name"], pin["model_version"], pin["run_id"], out)
+        argv = [sys.executable, "-m", "model_service.cli", "package", "--pin", str(pin_file), "--out", str(out)]
+        result = subprocess.run(
+            argv, cwd=self.template_dir, env={**_child_env(), **env}, capture_output=True, text=True, check=False
+        )
+        with open(log_file, "a") as handle:
+            handle.write(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise PackagingFailed(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no output")
+        log.info("%s", result.stdout.strip())
+        return out
 
     def _state_file(self, model_line: str) -> Path:
         return self.state_dir / f"{model_line}.json"
@@ -82,16 +126,13 @@ class LocalServiceDeployer:
         state = ServiceState(**json.loads(path.read_text()))
         return state if _alive(state.pid) else None
 
-    def deploy(
-        self,
-        model_line: str,
-        model_name: str,
-        model_version: str,
-        port: int,
-        env: dict[str, str],
-        revision: str,
-    ) -> ServiceState:
-        """Replace the line's service with one serving ``model_version``; reuse it if already so."""
+    def deploy(self, pin: dict[str, str], port: int, env: dict[str, str], revision: str) -> ServiceState:
+        """Replace the line's service with one serving the pinned version; reuse it if already so.
+
+        ``pin``: model_line, model_name, model_version, run_id. ``env`` reaches MLflow for packaging
+        only; the service itself gets none of it.
+        """
+        model_line, model_version = pin["model_line"], pin["model_version"]
         running = self.current(model_line)
         if (
             running
@@ -110,25 +151,30 @@ class LocalServiceDeployer:
             )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log_file = self.state_dir / f"{model_line}.log"
+        package = self.package(pin, env, log_file)
         child_env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_"))},
-            **env,
+            **_child_env(),
+            "MODEL_DIR": str(package),
             "MODEL_LINE": model_line,
-            "MODEL_NAME": model_name,
+            "MODEL_NAME": pin["model_name"],
             "MODEL_VERSION": model_version,
-            "SERVICE_REVISION": revision,
+            "CODE_REVISION": revision,
+            "IMAGE_BUILT_AT": datetime.now(UTC).isoformat(timespec="seconds"),
+            "PREDICTION_LOG_DIR": str(self.predictions_dir),
         }
         argv = [
             sys.executable,
             "-m",
             "uvicorn",
-            "app:app",
+            "model_service.app:app",
             "--app-dir",
-            str(self.service_dir),
+            str(self.template_dir),
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
+            "--timeout-graceful-shutdown",
+            "20",
         ]
         with open(log_file, "ab") as out:
             proc = subprocess.Popen(
@@ -160,7 +206,7 @@ class LocalServiceDeployer:
         )
         return state
 
-    def stop(self, model_line: str, grace_seconds: float = 15.0) -> None:
+    def stop(self, model_line: str, grace_seconds: float = 25.0) -> None:
         """Stop the line's service (graceful SIGTERM, then SIGKILL) and forget it."""
         state_file = self._state_file(model_line)
         running = self.current(model_line)

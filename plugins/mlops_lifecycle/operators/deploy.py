@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class LocalDeployOperator(LifecycleOperator):
-    """Start the model microservice from the merged pin file (embedded stand-in for GitLab CI + Kubernetes)."""
+    """Package the merged pin and start the model microservice on it (embedded stand-in for GitLab CI + Kubernetes)."""
 
     template_fields = ("candidate", "merge")
     operator_extra_links = (ServiceVersionLink(),)
@@ -40,11 +40,9 @@ class LocalDeployOperator(LifecycleOperator):
                 f"Merge commit {commit} pins {c['model_line']} to "
                 f"{pin.get('model_version') if pin else 'nothing'}, not the approved v{c['model_version']}"
             )
-        deployer = LocalServiceDeployer(paths.local_home() / "services", paths.include_dir() / "service")
+        deployer = LocalServiceDeployer(paths.local_home())
         state = deployer.deploy(
-            model_line=c["model_line"],
-            model_name=pin["model_name"],
-            model_version=str(pin["model_version"]),
+            pin={key: str(pin.get(key)) for key in ("model_line", "model_name", "model_version", "run_id")},
             port=self.config.deploy.port,
             env=self.registry.process_env(),
             revision=commit,
@@ -87,7 +85,7 @@ class VerifyServingOperator(LifecycleOperator):
                     "model_name": c["model_name"],
                     "model_version": c["model_version"],
                     "run_id": c["run_id"],
-                    "service_revision": self.deployment["revision"],
+                    "code_revision": self.deployment["revision"],
                 },
                 deadline=time.time() + timeout,
                 poll_interval=self.config.deploy.poll_interval_seconds,

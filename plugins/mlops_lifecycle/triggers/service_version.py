@@ -99,5 +99,5 @@ class ServiceVersionTrigger(BaseTrigger):
         if wrong:
             return False, "a different deployment: " + ", ".join(wrong)
         return True, f"version {answer.get('model_version')} of {answer.get('model_name')} at revision " + str(
-            answer.get("service_revision")
+            answer.get("code_revision")
         )

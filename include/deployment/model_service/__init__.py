@@ -1,0 +1,1 @@
+"""The model microservice of the deployment repository: serves one pinned MLflow model version."""
