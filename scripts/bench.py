@@ -1,4 +1,5 @@
-"""`make bench`: DAG-folder parse time for 1/10/100 model lines, and one local lifecycle's wall time.
+"""`make bench`: DAG-folder parse time for 1/10/100 model lines, one local lifecycle's wall time, and
+the model service against `mlflow models serve` for the same model version.
 
 Prints tables; nothing here is a pass/fail test. Everything runs in a temporary folder.
 """
@@ -6,15 +7,21 @@ Prints tables; nothing here is a pass/fail test. Everything runs in a temporary 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib.metadata
 import json
+import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -169,7 +176,7 @@ def bench_lifecycle() -> None:
         server.stop()
         from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
 
-        LocalServiceDeployer(home / "services", paths.include_dir() / "service").stop("demand_forecast")
+        LocalServiceDeployer(home).stop("demand_forecast")
         shutil.rmtree(home, ignore_errors=True)
     assert result.state == "success", result.task_states
     tasks = result.task_seconds
@@ -196,15 +203,422 @@ def bench_lifecycle() -> None:
     table("Where the time goes", ["part", "seconds"], summary)
 
 
+# --- the model service against `mlflow models serve` ----------------------------------------------
+
+SERVICE_DURATION = 10.0  # measured seconds per point
+SERVICE_WARMUP = 2.0  # seconds of the same load before measuring
+SERVICE_POINTS = [(1, 1), (1, 8), (100, 1), (100, 8)]  # (rows per request, connections)
+SERVICE_P99_TARGET_MS = 10.0
+SERVICE_SPEEDUP_TARGET = 3.0
+DEPLOYMENT = paths.include_dir() / "deployment"
+LOADGEN = REPO / "scripts" / "loadgen.py"
+# The training window of the lifecycle run for the week before 2026-11-23 (bench_lifecycle's run).
+SERVICE_INTERVAL = (datetime(2026, 11, 16, 3, tzinfo=UTC), datetime(2026, 11, 23, 3, tzinfo=UTC))
+
+
+@dataclass
+class Server:
+    """A model server in its own process group, its output in ``log``."""
+
+    name: str
+    proc: subprocess.Popen
+    predict_url: str
+    log: Path
+
+    def stop(self, grace: float = 20) -> None:
+        """SIGTERM to the whole group (mlflow serve runs uvicorn as a child), SIGKILL what is left after ``grace``."""
+        group = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+        while time.monotonic() < deadline and group_alive(group):
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def tail(self, lines: int = 25) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_server(name: str, argv: list[str], env: dict[str, str], cwd: Path, predict_url: str, log: Path) -> Server:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Server(name, proc, predict_url, log)
+
+
+def service_env(home: Path) -> dict[str, str]:
+    """Environment of the child processes: the venv's tools on PATH, the bench's own MLflow store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIRFLOW"))}
+    env |= {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # Both servers score with one OpenMP thread (the model service sets this itself): with the
+        # default of one thread per core, HistGradientBoosting's per-call thread start-up and
+        # spinning roughly halved `mlflow models serve`'s throughput on the 2-core bench machine.
+        "OMP_NUM_THREADS": "1",
+    }
+    if env.pop("PYTHONDONTWRITEBYTECODE", None):  # a venv without .pyc files: compile once for all children
+        env["PYTHONPYCACHEPREFIX"] = str(home / "pycache")
+    return env
+
+
+def build_model_version(home: Path, env: dict[str, str]) -> tuple[dict[str, str], list[dict]]:
+    """Register one real demand_forecast version the way the lifecycle does (local extract, then the
+    training entrypoint as a process); return its pin and 100 holdout feature rows."""
+    import logging
+
+    from mlops_lifecycle.adapters.warehouse import LocalWarehouse
+    from mlops_lifecycle.config import load_model_line
+    from mlops_lifecycle.window import resolve_window
+
+    for name in ("mlops_lifecycle", "lifecycle_training"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    cfg = load_model_line(ADAPTERS["local"])
+    window = resolve_window(cfg, *SERVICE_INTERVAL, None)
+    warehouse = LocalWarehouse(home / "warehouse")
+    warehouse.ensure_sample_data(through=window.window_end)
+    snapshot = warehouse.snapshot(
+        cfg.sql_path.read_text(), dict(cfg.extract.tables), window.train_start, window.window_end, "bench"
+    )
+    args = {
+        "--snapshot": snapshot.uri,
+        "--run-key": window.run_key,
+        "--model-line": cfg.model_line,
+        "--experiment": cfg.registry.experiment,
+        "--registered-model": cfg.registry.model_name,
+        "--production-alias": cfg.registry.production_alias,
+        "--holdout-start": window.holdout_start.isoformat(),
+        "--window-start": window.train_start.isoformat(),
+        "--window-end": window.window_end.isoformat(),
+        "--target": cfg.train.target,
+        "--params": json.dumps(cfg.train.parameters),
+        "--tags": json.dumps({"bench": "service"}),
+    }
+    argv = [sys.executable, str(cfg.entrypoint_path), *(x for pair in args.items() for x in pair)]
+    done = subprocess.run(argv, env=env, cwd=home, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"training entrypoint failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    pin = {
+        "model_line": cfg.model_line,
+        "model_name": cfg.registry.model_name,
+        "model_version": str(result["model_version"]),
+        "run_id": result["run_id"],
+    }
+
+    # the holdout rows as the entrypoint reads them (its own snapshot reader: same types as the signature)
+    sys.path.insert(0, str(cfg.entrypoint_path.parent))
+    import lifecycle_training
+
+    line = __import__(cfg.entrypoint_path.stem).LINE
+    namespace = argparse.Namespace(
+        snapshot=snapshot.uri,
+        window_start=window.train_start,
+        window_end=window.window_end,
+        holdout_start=window.holdout_start,
+        target=cfg.train.target,
+        model_line=cfg.model_line,
+    )
+    _, holdout = lifecycle_training.split(lifecycle_training.read_snapshot(line, namespace), namespace)
+    features = holdout[line.features]
+    spread = features.iloc[:: max(1, len(features) // 100)].iloc[:100]  # every market, several days
+    rows = spread.to_dict(orient="records")  # Python scalars; json writes floats exactly (repr)
+    assert json.loads(json.dumps(rows)) == rows, "holdout rows do not survive JSON unchanged"
+    return pin, rows
+
+
+def post_json(url: str, body: bytes) -> dict:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def run_loadgen(url: str, body_file: Path, connections: int, server: Server) -> dict:
+    argv = [
+        sys.executable,
+        str(LOADGEN),
+        "--url",
+        url,
+        "--body-file",
+        str(body_file),
+        "--connections",
+        str(connections),
+        "--duration",
+        str(SERVICE_DURATION),
+        "--warmup",
+        str(SERVICE_WARMUP),
+        "--server-pid",
+        str(server.proc.pid),
+    ]
+    timeout = SERVICE_DURATION + SERVICE_WARMUP + 60
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# One model call's steps, timed in a fresh process (no Airflow imported, one thread, like the servers).
+MODEL_STEPS = r"""
+import json, os, statistics, sys, time
+os.environ["OMP_NUM_THREADS"] = "1"
+import mlflow.pyfunc, pandas as pd, sklearn
+
+pyfunc = mlflow.pyfunc.load_model(sys.argv[1])
+rows = json.loads(open(sys.argv[2]).read())
+pipeline = pyfunc.get_raw_model()
+encode, model = pipeline[:-1], pipeline[-1]
+
+def median_ms(call, budget=0.4):
+    call()
+    samples, deadline = [], time.perf_counter() + budget
+    while len(samples) < 15 or (time.perf_counter() < deadline and len(samples) < 2000):
+        t = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples) * 1000
+
+def fast(frame):
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        return pipeline.predict(frame)
+
+out = {}
+for size in map(int, sys.argv[3:]):
+    body, part = json.dumps({"rows": rows[:size]}), rows[:size]
+    frame = pd.DataFrame.from_records(part)
+    encoded = encode.transform(frame)
+    steps = {
+        "json.loads of the request body": lambda: json.loads(body),
+        "pandas DataFrame from the records": lambda: pd.DataFrame.from_records(part),
+        "pipeline step 1: one-hot ColumnTransformer": lambda: encode.transform(frame),
+        f"pipeline step 2: {type(model).__name__} predict ({model.n_iter_} trees)": lambda: model.predict(encoded),
+        "sklearn pipeline predict (1 + 2)": lambda: pipeline.predict(frame),
+        "  same, assume_finite + skip_parameter_validation": lambda: fast(frame),
+        "mlflow pyfunc predict (schema enforcement + pipeline)": lambda: pyfunc.predict(frame),
+    }
+    for name, call in steps.items():
+        out.setdefault(name, {})[size] = median_ms(call)
+print(json.dumps(out))
+"""
+
+
+def time_model_calls(model_dir: Path, rows_file: Path, sizes: list[int], env: dict[str, str]) -> dict[str, dict]:
+    """Median milliseconds of each step of one model call: where a request's model time goes once
+    HTTP is taken away. Keys of the inner dicts are the sizes as strings (JSON)."""
+    argv = [sys.executable, "-c", MODEL_STEPS, str(model_dir), str(rows_file), *map(str, sizes)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing the model steps failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_service() -> None:
+    home = Path(tempfile.mkdtemp(prefix="mlops-bench-service-"))
+    env = service_env(home)
+    servers: list[Server] = []
+    load_before = os.getloadavg()[0]
+    try:
+        started = time.monotonic()
+        pin, rows = build_model_version(home, env)
+        trained = time.monotonic() - started
+        pin_file = home / "models" / f"{pin['model_line']}.yaml"
+        pin_file.parent.mkdir()
+        pin_file.write_text(yaml.safe_dump(pin))
+        package_dir = home / "build" / pin["model_line"]
+        model_uri = f"models:/{pin['model_name']}/{pin['model_version']}"
+
+        mlflow_port, ours_port = devstack.free_port(), devstack.free_port()
+        mlflow_serve = start_server(
+            "mlflow models serve",
+            [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "-p", str(mlflow_port), "--host", "127.0.0.1"],
+            env,
+            home,
+            f"http://127.0.0.1:{mlflow_port}/invocations",
+            home / "mlflow-serve.log",
+        )  # fmt: skip
+        servers.append(mlflow_serve)
+        packaging = subprocess.run(  # while mlflow serve starts
+            [sys.executable, "-m", "model_service.cli", "package", "--pin", str(pin_file), "--out", str(package_dir)],
+            env=env,
+            cwd=DEPLOYMENT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if packaging.returncode != 0:
+            raise RuntimeError(f"model_service.cli package failed:\n{packaging.stderr[-3000:]}")
+        ours_env = env | {
+            "MODEL_DIR": str(package_dir),
+            "MODEL_LINE": pin["model_line"],
+            "MODEL_NAME": pin["model_name"],
+            "MODEL_VERSION": pin["model_version"],
+            "PREDICTION_LOG_DIR": str(home / "prediction-log"),
+        }
+        ours = start_server(
+            "model service",
+            [sys.executable, "-m", "uvicorn", "model_service.app:app", "--app-dir", str(DEPLOYMENT),
+             "--host", "127.0.0.1", "--port", str(ours_port), "--no-access-log"],
+            ours_env,
+            home,
+            f"http://127.0.0.1:{ours_port}/predict",
+            home / "model-service.log",
+        )  # fmt: skip
+        servers.append(ours)
+        for server, ready in (
+            (mlflow_serve, f"http://127.0.0.1:{mlflow_port}/ping"),
+            (ours, f"http://127.0.0.1:{ours_port}/ready"),
+        ):
+            try:
+                devstack.wait_http(ready, 180, server.proc)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{server.name} did not get ready: {exc}\n{server.tail()}") from None
+        ready_after = time.monotonic() - started - trained
+
+        # the same rows, in each server's request format
+        bodies: dict[tuple[str, int], Path] = {}
+        for size in sorted({size for size, _ in SERVICE_POINTS}):
+            for server, key in ((mlflow_serve, "dataframe_records"), (ours, "rows")):
+                bodies[server.name, size] = home / f"{key}-{size}.json"
+                bodies[server.name, size].write_text(json.dumps({key: rows[:size]}))
+        # same model, same rows: the same predictions, or the comparison is void
+        for size in sorted({size for size, _ in SERVICE_POINTS}):
+            theirs = post_json(mlflow_serve.predict_url, bodies[mlflow_serve.name, size].read_bytes())["predictions"]
+            mine = post_json(ours.predict_url, bodies[ours.name, size].read_bytes())["predictions"]
+            assert len(theirs) == len(mine) == size, (len(theirs), len(mine), size)
+            differ = [
+                (i, a, b)
+                for i, (a, b) in enumerate(zip(theirs, mine, strict=True))
+                if not math.isclose(a, b, rel_tol=1e-9)
+            ]
+            assert not differ, (
+                f"the two servers disagree on {len(differ)} of {size} rows, e.g. (row, mlflow, ours) {differ[:3]}"
+            )
+
+        results: dict[tuple[str, int, int], dict] = {}
+        for server in (mlflow_serve, ours):
+            for size, connections in SERVICE_POINTS:
+                results[server.name, size, connections] = run_loadgen(
+                    server.predict_url, bodies[server.name, size], connections, server
+                )
+                if server.proc.poll() is not None:
+                    raise RuntimeError(f"{server.name} exited during the load:\n{server.tail()}")
+        for server in servers:  # the in-process timings below get the cores to themselves
+            server.stop()
+        (home / "rows.json").write_text(json.dumps(rows))
+        sizes = sorted({size for size, _ in SERVICE_POINTS})
+        steps = time_model_calls(package_dir / "model", home / "rows.json", sizes, env)
+    finally:
+        for server in servers:
+            server.stop()
+        logs = {server.name: server.log.read_text(errors="replace") for server in servers if server.log.exists()}
+        shutil.rmtree(home, ignore_errors=True)
+
+    rows_out = []
+    for (name, size, connections), r in results.items():
+        rows_out.append(
+            [
+                name,
+                size,
+                connections,
+                f"{r['rps']:.0f}",
+                f"{r['rps'] * size:.0f}",
+                f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                f"{r['server_cpu_ms_per_request']:.2f}",
+                f"{r['server_cpu_s'] / SERVICE_DURATION:.2f}",
+                f"{r['cpu_us_per_request']:.0f}",
+                r["errors"] if not r["errors"] else f"{r['errors']}: {r['first_error'][:60]}",
+            ]
+        )
+    table(
+        f"Model service vs `mlflow models serve`, same model version, same rows ({SERVICE_DURATION:.0f} s per point "
+        f"after {SERVICE_WARMUP:.0f} s warm-up, closed loop from a separate load generator process)",
+        ["server", "rows/request", "connections", "req/s", "rows/s", "p50 ms", "p99 ms",
+         "server CPU ms/req", "server cores busy", "loadgen CPU us/req", "errors"],
+        rows_out,
+    )  # fmt: skip
+    ratios = []
+    for size, connections in SERVICE_POINTS:
+        theirs, mine = results[mlflow_serve.name, size, connections], results[ours.name, size, connections]
+        speedup = mine["rps"] / theirs["rps"] if theirs["rps"] else math.inf
+        p99_ok = "yes" if mine["p99_ms"] < SERVICE_P99_TARGET_MS else "NO"
+        ratios.append(
+            [
+                size,
+                connections,
+                f"{speedup:.1f}x",
+                "yes" if speedup >= SERVICE_SPEEDUP_TARGET else "NO",
+                f"{theirs['server_cpu_ms_per_request'] / mine['server_cpu_ms_per_request']:.1f}x",
+                f"{mine['p99_ms']:.2f}",
+                p99_ok if size == 1 else "-",
+            ]
+        )
+    table(
+        f"Model service / mlflow models serve (target: >= {SERVICE_SPEEDUP_TARGET:.0f}x the throughput, "
+        f"single-row p99 < {SERVICE_P99_TARGET_MS:.0f} ms)",
+        ["rows/request", "connections", "req/s ratio", f">= {SERVICE_SPEEDUP_TARGET:.0f}x",
+         "CPU/req mlflow/ours", "our p99 ms", f"p99 < {SERVICE_P99_TARGET_MS:.0f} ms"],
+        ratios,
+    )  # fmt: skip
+    breakdown = [[name, *(f"{by_size[str(size)]:.2f}" for size in sizes)] for name, by_size in steps.items()]
+    model_call = steps["sklearn pipeline predict (1 + 2)"]
+    for server in (mlflow_serve, ours):
+        cpu = [results[server.name, size, 1]["server_cpu_ms_per_request"] for size in sizes]
+        breakdown.append([f"{server.name}: server CPU per request, 1 connection", *(f"{c:.2f}" for c in cpu)])
+        breakdown.append(
+            ["  of which outside the sklearn pipeline (HTTP, framework, input, logging)"]
+            + [f"{c - model_call[str(size)]:.2f}" for c, size in zip(cpu, sizes, strict=True)]
+        )
+    table(
+        "Where the time goes: one model call's steps in-process (median, 1 thread) vs the servers' CPU per request",
+        ["step", *(f"{size} row{'s' if size > 1 else ''} ms" for size in sizes)],
+        breakdown,
+    )
+    workers = sum("Started server process" in line for line in logs.get(mlflow_serve.name, "").splitlines())
+    print(
+        f"Model {model_uri} (trained by the {pin['model_line']} entrypoint in {trained:.0f} s); both servers ready "
+        f"{ready_after:.0f} s later. {os.cpu_count()} CPU cores; load average {load_before:.1f} before the bench "
+        "started (other work on the machine takes cores from the servers and skews every number).\n"
+        f"mlflow models serve: MLflow {importlib.metadata.version('mlflow')}, --env-manager local, default workers "
+        f"({workers} uvicorn worker process{'es' if workers != 1 else ''}: MLFLOW_MODELS_WORKERS unset), default "
+        'access log on; body {"dataframe_records": [...]} to /invocations.\n'
+        'model service: 1 uvicorn worker, prediction log on, body {"rows": [...]} to /predict. Both with '
+        "OMP_NUM_THREADS=1.\n"
+        "Server CPU is user+system time of the server's process tree over the measured window, per answered "
+        "request; 'cores busy' is that time / wall time (1.00 = one core saturated)."
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["parse", "lifecycle"])
+    parser.add_argument("--only", choices=["parse", "lifecycle", "service"])
     args = parser.parse_args()
     if args.only in (None, "parse"):
         bench_parse(args.repeats)
     if args.only in (None, "lifecycle"):
         bench_lifecycle()
+    if args.only in (None, "service"):
+        bench_service()
     return 0
 
 
