@@ -57,6 +57,7 @@ from prometheus_client import (  # noqa: E402
     generate_latest,
 )
 
+from model_service.compiled import CompiledModel, compile_model  # noqa: E402
 from model_service.package import Package, PackageError, open_package  # noqa: E402
 from model_service.prediction_log import PredictionLog  # noqa: E402
 
@@ -68,6 +69,7 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _INT_BOUNDS = {"integer": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
 _NUMPY_DTYPES = {"integer": "int32", "long": "int64", "float": "float32", "double": "float64", "boolean": "bool"}
+_FLOAT_MAX = {"double": float(np.finfo(np.float64).max), "float": float(np.finfo(np.float32).max)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,23 +271,30 @@ class RowValidator:
         if errors:
             raise RequestValidationError(errors[:MAX_REPORTED_ERRORS])
 
-    def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
-        """Column by column, in signature order and dtype (rows were checked before)."""
-        if not self.enabled:
-            return pd.DataFrame.from_records(rows)
+    def column_data(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Column by column, in signature order and dtype (rows were checked before).
+
+        Numbers become numpy arrays of the signature's dtype; a missing optional number becomes NaN
+        (as pandas would make it); strings and other types stay lists.
+        """
         data: dict[str, Any] = {}
         for name, dtype, _ in self.columns:
             values = [row.get(name) for row in rows]
             numpy_dtype = _NUMPY_DTYPES.get(dtype)
             if numpy_dtype and None not in values:
                 data[name] = np.asarray(values, dtype=numpy_dtype)
-            elif dtype == "double" or dtype == "float":
-                data[name] = np.asarray([np.nan if v is None else v for v in values], dtype=_NUMPY_DTYPES[dtype])
+            elif numpy_dtype and dtype != "boolean":
+                data[name] = np.asarray([np.nan if v is None else v for v in values], dtype="float64")
             elif dtype == "datetime":
                 data[name] = pd.to_datetime(pd.Series(values, dtype=object), format="ISO8601")
             else:
                 data[name] = values
-        return pd.DataFrame(data, copy=False)
+        return data
+
+    def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
+        if not self.enabled:
+            return pd.DataFrame.from_records(rows)
+        return pd.DataFrame(self.column_data(rows), copy=False)
 
 
 def _type_name(dtype: Any) -> str:
@@ -296,11 +305,12 @@ def _type_name(dtype: Any) -> str:
 def _type_problem(value: Any, dtype: str) -> str | None:
     """Why ``value`` does not fit the MLflow type ``dtype`` (None when it fits). JSON decides the types."""
     if dtype == "double" or dtype == "float":
-        if isinstance(value, float):
-            return None if math.isfinite(value) else "must be a finite number"
-        return (
-            None if isinstance(value, int) and not isinstance(value, bool) else f"must be a number, got {_kind(value)}"
-        )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a number, got {_kind(value)}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        # 1e400 as an integer literal, or 1e39 for float32, would become inf (or fail) in the frame
+        return None if abs(value) <= _FLOAT_MAX[dtype] else f"is out of range for {dtype}"
     if dtype == "string":
         return None if isinstance(value, str) else f"must be a string, got {_kind(value)}"
     if dtype in _INT_BOUNDS:
@@ -350,12 +360,15 @@ def to_floats(raw: Any, n_rows: int) -> list[float]:
 
 
 class Model:
-    """The loaded model behind one call: a frame in, one float per row out.
+    """The loaded model behind one call: rows in, one float per row out.
 
     A scikit-learn model is called directly with its pyfunc ``predict_fn`` (what ``mlflow.pyfunc``
     would call after its own schema enforcement, which ``RowValidator`` already did), with
-    scikit-learn's per-call input checks off: rows are validated and finite. Any other flavour goes
-    through ``mlflow.pyfunc``. Start-up proves both paths equal on the golden set.
+    scikit-learn's per-call input checks off: rows are validated and finite. When the pipeline is
+    one ``model_service.compiled`` supports, batches up to its ``max_rows_faster`` go through the
+    compiled numpy version instead (~0.1 ms instead of ~5 ms for one row of a 300-tree model). Any
+    other flavour goes through ``mlflow.pyfunc``. Start-up proves every path used reproduces the
+    golden set (``check_golden_set``).
     """
 
     def __init__(self, package: Package) -> None:
@@ -364,22 +377,42 @@ class Model:
         self.pyfunc = mlflow.pyfunc.load_model(str(package.model_dir))
         flavors = self.pyfunc.metadata.flavors
         predict_fn = flavors.get("python_function", {}).get("predict_fn", "predict")
+        self.validator = RowValidator(self.pyfunc.metadata.get_input_schema())
         self._sklearn_config: Callable[[], Any] = contextlib.nullcontext
+        self.compiled: CompiledModel | None = None
         if "sklearn" in flavors:
             import sklearn
 
-            self._call = getattr(self.pyfunc.get_raw_model(), predict_fn)
+            raw = self.pyfunc.get_raw_model()
+            self._call = getattr(raw, predict_fn)
             self._sklearn_config = lambda: sklearn.config_context(assume_finite=True, skip_parameter_validation=True)
             self.path = f"scikit-learn {predict_fn}"
+            if self.validator.enabled:
+                self.compiled, self.not_compiled_because = compile_model(
+                    raw, predict_fn, [name for name, _, _ in self.validator.columns]
+                )
+            else:
+                self.not_compiled_because = "the model signature names no input columns"
         else:
             self._call = self.pyfunc.predict
             self.path = "mlflow.pyfunc predict"
-        self.validator = RowValidator(self.pyfunc.metadata.get_input_schema())
+            self.not_compiled_because = f"not a scikit-learn model (flavors: {', '.join(sorted(flavors))})"
 
     def predict(self, rows: list[dict[str, Any]]) -> list[float]:
+        if self.compiled is not None and len(rows) <= self.compiled.max_rows_faster:
+            return self.predict_compiled(rows)
+        return self.predict_model(rows)
+
+    def predict_model(self, rows: list[dict[str, Any]]) -> list[float]:
         frame = self.validator.frame(rows)
         with self._sklearn_config():
             return to_floats(self._call(frame), len(rows))
+
+    def predict_compiled(self, rows: list[dict[str, Any]]) -> list[float]:
+        assert self.compiled is not None
+        data = self.validator.column_data(rows)
+        arrays = {k: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object) for k, v in data.items()}
+        return to_floats(self.compiled.predict(arrays), len(rows))
 
 
 class MicroBatcher:
@@ -488,22 +521,40 @@ def load_service(settings: Settings) -> Service:
 
 
 def check_golden_set(model: Model, package: Package, label: str) -> None:
-    """Warm the model on the golden set and insist on the offline predictions."""
+    """Warm the model on the golden set and insist on the offline predictions, on every serving path.
+
+    The model's own path must reproduce them or the service does not start; a compiled path that
+    does not is switched off (logged), and the service serves through the model's own path.
+    """
     golden = package.golden_set()
     rows, expected = golden["rows"], golden["predictions"]
     try:
         model.validator.check(rows)
-        served = model.predict(rows)
     except RequestValidationError as exc:
         raise StartupError(f"{label}: the golden set does not fit the model signature: {exc.errors()[:3]}") from None
+    try:
+        served = model.predict_model(rows)
     except Exception as exc:
         raise StartupError(f"{label} failed its warm-up prediction on the golden set: {_one_line(exc)}") from exc
+    wrong = _golden_mismatch(served, expected)
+    if wrong:
+        raise StartupError(f"{label} {wrong}: the serving path ({model.path}) does not reproduce the model")
+    if model.compiled is None:
+        return
+    try:
+        wrong = _golden_mismatch(model.predict_compiled(rows), expected)
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
+        wrong = f"fails: {_one_line(exc)}"
+    if wrong:
+        model.not_compiled_because = f"the compiled path {wrong}"
+        model.compiled = None
+
+
+def _golden_mismatch(served: list[float], expected: list[float]) -> str | None:
     for i, (got, want) in enumerate(zip(served, expected, strict=True)):
         if not math.isclose(got, want, rel_tol=GOLDEN_RELATIVE_TOLERANCE, abs_tol=1e-9):
-            raise StartupError(
-                f"{label} predicts {got!r} for golden row {i}, the offline prediction is {want!r}: "
-                f"the serving path ({model.path}) does not reproduce the model"
-            )
+            return f"predicts {got!r} for golden row {i}, the offline prediction is {want!r}"
+    return None
 
 
 @asynccontextmanager
@@ -530,6 +581,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         image_built_at=settings.image_built_at,
         model_dir=str(settings.model_dir),
         serving_path=service.model.path,
+        compiled=service.model.compiled.description if service.model.compiled else None,
+        compiled_up_to_rows=service.model.compiled.max_rows_faster if service.model.compiled else None,
+        not_compiled_because=None if service.model.compiled else service.model.not_compiled_because,
         schema_validation=service.model.validator.enabled,
         golden_rows=len(service.package.golden_set()["rows"]),
         prediction_log=str(settings.prediction_log_dir) if settings.prediction_log_dir else None,

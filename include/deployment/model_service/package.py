@@ -66,7 +66,11 @@ class Pin:
         except FileNotFoundError:
             raise PackageError(f"pin file {path} does not exist") from None
         except yaml.YAMLError as exc:
-            raise PackageError(f"pin file {path} is not valid YAML: {exc}") from None
+            # PyYAML's message spans several lines (a caret diagram): the CLI promises one line.
+            mark = getattr(exc, "problem_mark", None)
+            detail = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise PackageError(f"pin file {path} is not valid YAML: {detail}{where}") from None
         return cls.from_mapping(data, f"pin file {path}")
 
     def label(self) -> str:
@@ -152,7 +156,14 @@ def _golden_set(pin: Pin, model_dir: Path, limit: int) -> dict[str, Any]:
         logged = json.loads(Path(local).read_text())
         return {"source": f"runs:/{pin.run_id}/{GOLDEN_SET_ARTIFACT}", **_golden_fields(logged, limit)}
 
-    model = mlflow.pyfunc.load_model(str(model_dir))
+    try:
+        model = mlflow.pyfunc.load_model(str(model_dir))
+    except ImportError as exc:
+        raise PackageError(
+            f"{pin.label()}: the run logged no {GOLDEN_SET_ARTIFACT}, and scoring the model's input example "
+            f"instead needs the model's own libraries ({exc.name} is missing): "
+            f"pip install -r {model_dir / 'requirements.txt'}"
+        ) from None
     example = model.input_example
     if example is None:
         raise PackageError(f"{pin.label()}: the run logged no {GOLDEN_SET_ARTIFACT} and the model has no input example")
