@@ -147,12 +147,12 @@ def build(pin: Pin, out: Path, golden_rows: int = 20) -> dict[str, Any]:
 
 def _golden_set(pin: Pin, model_dir: Path, limit: int) -> dict[str, Any]:
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    try:
+    # Listed first, so that only a run without one falls back; a failing download is an error.
+    logged_by_run = any(item.path == GOLDEN_SET_ARTIFACT for item in MlflowClient().list_artifacts(pin.run_id))
+    if logged_by_run:
         local = mlflow.artifacts.download_artifacts(run_id=pin.run_id, artifact_path=GOLDEN_SET_ARTIFACT)
-    except Exception:  # noqa: BLE001 - older runs have none; any download failure falls back the same way
-        local = None
-    if local:
         logged = json.loads(Path(local).read_text())
         return {"source": f"runs:/{pin.run_id}/{GOLDEN_SET_ARTIFACT}", **_golden_fields(logged, limit)}
 
