@@ -820,3 +820,21 @@ def test_each_rule_catches_its_mutation(file: str, rule: str, old: str, new: str
     assert text.count(old) == 1, f"mutation target not found exactly once in {path.name} (did it change?): {old!r}"
     mutated = text.replace(old, new)
     assert rules[rule](mutated), f"{file} rule {rule!r} did not notice: {old!r} -> {new!r}"
+
+
+def _pins(text: str) -> dict[str, str]:
+    pins = {}
+    for line in text.splitlines():
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep:
+            pins[name.lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_service_requirements_are_the_versions_the_tests_ran_with() -> None:
+    """The image installs include/deployment/requirements.txt; this repository's tests ran the service on
+    the root lock. A pin that drifts from the lock would ship a combination nobody tested."""
+    service = _pins((DEPLOYMENT / "requirements.txt").read_text())
+    lock = _pins((REPO / "requirements.txt").read_text())
+    assert {"fastapi", "uvicorn", "prometheus-client", "pyyaml"} <= service.keys()
+    assert {name: version for name, version in service.items() if lock.get(name) != version} == {}
