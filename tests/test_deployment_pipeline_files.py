@@ -522,8 +522,12 @@ def docker_model_package(text: str) -> Problems:
     copies = [c for c in _copies(final) if c[2].rstrip("/") == MODEL_DIR]
     if not any(any("${MODEL_PACKAGE}" in src for src in sources) for _, sources, _ in copies):
         problems.append(f"the model package ${{MODEL_PACKAGE}} is not copied to {MODEL_DIR}")
-    if any(flag.startswith("--chown") or flag.startswith("--chmod") for flags, _, _ in copies for flag in flags):
-        problems.append(f"{MODEL_DIR} is copied with --chown/--chmod: the service could change what it serves")
+    flags = [flag for flags, _, _ in copies for flag in flags]
+    if any(flag.startswith("--chown") or (flag.startswith("--chmod") and "w" in flag) for flag in flags):
+        problems.append(f"{MODEL_DIR} is copied with --chown or a writable --chmod: the service could change it")
+    if "--chmod=a=rX" not in flags:
+        # a runner's umask 0000 (GitLab's Docker executor) leaves checked-out files world-writable
+        problems.append(f"{MODEL_DIR} is not copied --chmod=a=rX: files keep the build context's write bits")
     env = _declared(final, "ENV")
     if env.get("MODEL_DIR") != MODEL_DIR:
         problems.append(f"ENV MODEL_DIR={env.get('MODEL_DIR')!r}, expected {MODEL_DIR}")
@@ -782,12 +786,19 @@ MUTATIONS = [
         '     "--timeout-graceful-shutdown", "20", "--no-access-log"]',
         "CMD uvicorn model_service.app:app --host 0.0.0.0 --port 8080 --timeout-graceful-shutdown 20",
     ),
-    ("dockerfile", "model_package", "COPY ${MODEL_PACKAGE}/ /opt/model/", "COPY ${MODEL_PACKAGE}/ /app/model/"),
     (
         "dockerfile",
         "model_package",
-        "COPY ${MODEL_PACKAGE}/ /opt/model/",
-        "COPY --chown=10001 ${MODEL_PACKAGE}/ /opt/model/",
+        "COPY --chmod=a=rX ${MODEL_PACKAGE}/ /opt/model/",
+        "COPY --chmod=a=rX ${MODEL_PACKAGE}/ /app/model/",
+    ),
+    ("dockerfile", "model_package", "COPY --chmod=a=rX ${MODEL_PACKAGE}/", "COPY --chmod=a=rwX ${MODEL_PACKAGE}/"),
+    ("dockerfile", "model_package", "COPY --chmod=a=rX ${MODEL_PACKAGE}/", "COPY ${MODEL_PACKAGE}/"),
+    (
+        "dockerfile",
+        "model_package",
+        "COPY --chmod=a=rX ${MODEL_PACKAGE}/ /opt/model/",
+        "COPY --chmod=a=rX --chown=10001 ${MODEL_PACKAGE}/ /opt/model/",
     ),
     ("dockerfile", "model_package", "    MODEL_DIR=/opt/model\n", "    MODEL_DIR=/srv/model\n"),
     ("dockerfile", "model_package", "    MODEL_VERSION=${MODEL_VERSION} \\\n", ""),

@@ -75,9 +75,9 @@ def mr_trigger(iid: int, seconds: float = 10.0, **kwargs: Any) -> MergeRequestMe
     )
 
 
-def pipeline_trigger(sha: str, seconds: float = 10.0) -> PipelineSucceededTrigger:
+def pipeline_trigger(sha: str, seconds: float = 10.0, ref: str | None = None) -> PipelineSucceededTrigger:
     return PipelineSucceededTrigger(
-        conn_id=CONN_ID, project=PROJECT, sha=sha, deadline=time.time() + seconds, poll_interval=POLL
+        conn_id=CONN_ID, project=PROJECT, sha=sha, ref=ref, deadline=time.time() + seconds, poll_interval=POLL
     )
 
 
@@ -292,3 +292,19 @@ def test_deployments_of_an_earlier_commit_do_not_count(monkeypatch, standin):
     event = first_event(deployments_trigger(later, seconds=0.2))
 
     assert event["status"] == "timeout" and event["message"].endswith("last seen: dev: not started")
+
+
+def test_pipeline_of_another_ref_for_the_same_commit_does_not_count(monkeypatch):
+    """Fast-forward merges: the merge commit is the merge request's head, so its merge request pipeline
+    (tests only, it deploys nothing) has the same sha. Only the target branch's pipeline counts."""
+    with gitlab(ci=CIPlan(step_seconds=0.05, pipeline_status="failed")) as standin:
+        iid = open_mr(connect(monkeypatch, standin))
+        sha = standin.merge(iid, "alice")
+        assert first_event(pipeline_trigger(sha))["status"] == "rejected"  # the branch pipeline failed
+        standin.ci = CIPlan(step_seconds=0.05)
+        merge_request_pipeline = standin._start_pipeline(sha, f"refs/merge-requests/{iid}/head", "alice")
+
+        on_main = first_event(pipeline_trigger(sha, ref="main"))
+        (branch_pipeline,) = [p for p in standin.pipelines if p["ref"] == "main"]
+        assert (on_main["status"], on_main["pipeline_id"]) == ("rejected", branch_pipeline["id"])
+        assert merge_request_pipeline.id != branch_pipeline["id"]

@@ -830,3 +830,11 @@ def test_deployment_repository_test_job_passes(built: Built, tmp_path: Path) -> 
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert re.search(r"^6 passed", done.stdout.splitlines()[-1]), done.stdout[-2000:]
+
+
+def test_an_oversized_body_is_refused_with_413_before_it_is_read(client: httpx.Client) -> None:
+    """A client cannot make a pod hold an arbitrarily large body in memory (32 MiB limit)."""
+    response = client.post("/predict", content=b" " * ((32 << 20) + 1), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "32 MiB" in response.json()["detail"]
+    assert client.get("/ready").status_code == 200

@@ -46,7 +46,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from fastapi import FastAPI, Request, Response  # noqa: E402
+from fastapi import FastAPI, HTTPException, Request, Response  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from prometheus_client import (  # noqa: E402
     CONTENT_TYPE_LATEST,
@@ -63,6 +63,7 @@ from model_service.prediction_log import PredictionLog  # noqa: E402
 
 REQUIRED_ENV = ("MODEL_DIR", "MODEL_LINE", "MODEL_NAME", "MODEL_VERSION")
 MAX_ROWS = 10_000
+MAX_BODY_BYTES = 32 * 1024 * 1024  # 10,000 wide rows fit; a bigger body is refused before it is held in memory
 MAX_REPORTED_ERRORS = 50
 GOLDEN_RELATIVE_TOLERANCE = 1e-6
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -139,6 +140,9 @@ MODEL_INFO = Gauge(
 )
 LOG_WRITTEN = Gauge("model_service_prediction_log_written_rows", "Rows written to the prediction log")
 LOG_DROPPED = Gauge("model_service_prediction_log_dropped_rows", "Rows not logged because the log fell behind")
+LOG_PRUNED = Gauge(
+    "model_service_prediction_log_pruned_rows", "Logged rows deleted unshipped to keep within PREDICTION_LOG_MAX_MB"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +161,7 @@ class Settings:
     code_revision: str | None
     image_built_at: str | None
     prediction_log_dir: Path | None
+    prediction_log_max_mb: int
     max_batch_rows: int
 
     @classmethod
@@ -167,9 +172,12 @@ class Settings:
         version = env["MODEL_VERSION"].strip()
         if not version.isdigit():
             raise StartupError(f"MODEL_VERSION must be a registered version number like '3', got {version!r}")
-        batch = env.get("MAX_BATCH_ROWS", "").strip() or str(2 * MAX_ROWS)
-        if not batch.isdigit() or int(batch) < 1:
-            raise StartupError(f"MAX_BATCH_ROWS must be a positive integer, got {batch!r}")
+        numbers = {}
+        for name, default in (("MAX_BATCH_ROWS", 2 * MAX_ROWS), ("PREDICTION_LOG_MAX_MB", 512)):
+            text = env.get(name, "").strip() or str(default)
+            if not text.isdigit() or int(text) < 1:
+                raise StartupError(f"{name} must be a positive integer, got {text!r}")
+            numbers[name] = int(text)
         log_dir = env.get("PREDICTION_LOG_DIR", "").strip()
         return cls(
             model_dir=Path(env["MODEL_DIR"].strip()),
@@ -179,7 +187,8 @@ class Settings:
             code_revision=env.get("CODE_REVISION", "").strip() or None,
             image_built_at=env.get("IMAGE_BUILT_AT", "").strip() or None,
             prediction_log_dir=Path(log_dir) if log_dir else None,
-            max_batch_rows=int(batch),
+            prediction_log_max_mb=numbers["PREDICTION_LOG_MAX_MB"],
+            max_batch_rows=numbers["MAX_BATCH_ROWS"],
         )
 
     @property
@@ -516,6 +525,7 @@ def load_service(settings: Settings) -> Service:
             model_line=settings.model_line,
             model_name=settings.model_name,
             model_version=settings.model_version,
+            max_bytes=settings.prediction_log_max_mb * 1024 * 1024,
         )
     return Service(settings, package, model, MicroBatcher(model.predict, settings.max_batch_rows), prediction_log)
 
@@ -602,6 +612,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "shutdown_complete",
             prediction_log_written_rows=service.prediction_log.written if service.prediction_log else 0,
             prediction_log_dropped_rows=service.prediction_log.dropped if service.prediction_log else 0,
+            prediction_log_pruned_rows=service.prediction_log.pruned if service.prediction_log else 0,
         )
 
 
@@ -709,6 +720,7 @@ def metrics() -> Response:
     if service is not None and service.prediction_log is not None:
         LOG_WRITTEN.set(service.prediction_log.written)
         LOG_DROPPED.set(service.prediction_log.dropped)
+        LOG_PRUNED.set(service.prediction_log.pruned)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -729,11 +741,26 @@ PREDICT_BODY = {
 }
 
 
+async def _body(request: Request) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed MAX_BODY_BYTES."""
+    too_large = HTTPException(413, f"request body larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @app.post("/predict", openapi_extra={"requestBody": PREDICT_BODY})
 async def predict(request: Request) -> Response:
     """Score rows: ``{"rows": [{feature: value, ...}, ...]}`` -> one prediction per row."""
     service = _service(request)
-    rows = parse_body(await request.body())
+    rows = parse_body(await _body(request))
     request.state.rows = len(rows)
     service.model.validator.check(rows)
     try:

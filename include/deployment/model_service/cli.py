@@ -36,11 +36,15 @@ class StepFailed(RuntimeError):
 
 
 def changed_lines(base: str | None, head: str, pins_dir: Path = PINS_DIR) -> list[str]:
-    """Lines whose pin file was added or changed between ``base`` and ``head`` (every pin without a base)."""
+    """Lines whose pin file was added, changed or renamed between ``base`` and ``head`` (every pin without a base).
+
+    A deleted pin deploys nothing and removes nothing: taking a line out of service is a deliberate
+    ``kubectl delete`` (or a later rollback DAG), not a side effect of a merge.
+    """
     if not base or base == NO_COMMIT:
         return sorted(path.stem for path in pins_dir.glob("*.yaml"))
     result = subprocess.run(
-        ["git", "diff", "--name-only", "--diff-filter=AM", base, head, "--", f"{pins_dir}/"],
+        ["git", "diff", "--name-only", "--diff-filter=AMR", base, head, "--", f"{pins_dir}/"],
         capture_output=True,
         text=True,
         check=False,
@@ -73,11 +77,14 @@ def smoke(url: str, package_dir: Path, code_revision: str | None, wait_seconds: 
     if wrong:
         raise StepFailed(f"{base}/version reports another deployment: " + ", ".join(wrong))
     golden = package.golden_set()
-    served = _request(f"{base}/predict", {"rows": golden["rows"]})["predictions"]
+    served = _request(f"{base}/predict", {"rows": golden["rows"]}).get("predictions")
+    if not isinstance(served, list) or len(served) != len(golden["rows"]):
+        count = len(served) if isinstance(served, list) else "no"
+        raise StepFailed(f"{base}/predict answered {count} predictions for {len(golden['rows'])} golden rows")
     off = [
         f"row {i}: served {got!r}, offline {want!r}"
         for i, (got, want) in enumerate(zip(served, golden["predictions"], strict=True))
-        if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
+        if not isinstance(got, int | float) or not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
     ]
     if off:
         raise StepFailed(f"{base}/predict differs from the offline predictions: " + "; ".join(off[:5]))

@@ -108,11 +108,16 @@ def build(pin: Pin, out: Path, golden_rows: int = 20) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    if not os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        # Without it MLflow would quietly open an empty ./mlruns store and report every version missing.
+        raise PackageError("MLFLOW_TRACKING_URI is not set: the registry the pin refers to is unknown")
     client = MlflowClient()
     try:
         registered = client.get_model_version(pin.model_name, pin.model_version)
     except MlflowException as exc:
-        raise PackageError(f"{pin.label()}: not found in the MLflow registry ({exc.error_code})") from None
+        reason = "not found in" if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else "could not be read from"
+        detail = " ".join(str(exc).split())[:300]
+        raise PackageError(f"{pin.label()}: {reason} the MLflow registry ({exc.error_code}: {detail})") from None
     if registered.run_id != pin.run_id:
         raise PackageError(
             f"{pin.label()}: the registry says version {pin.model_version} comes from run {registered.run_id}, "

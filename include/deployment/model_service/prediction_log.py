@@ -3,7 +3,9 @@
 The request path only appends one tuple to a bounded in-memory buffer (no I/O, no serialisation); a
 background thread turns the buffer into JSON lines every ``flush_seconds`` and appends them to a file.
 When the buffer is full (the disk cannot keep up) records are dropped and counted, never waited for:
-serving comes first, and ``dropped`` is exported as a metric so the gap is visible.
+serving comes first, and ``dropped`` is exported as a metric so the gap is visible. The files of one
+process never take more than ``max_bytes``: past it the oldest are deleted (``pruned``, also a
+metric), because a full volume would get the pod evicted.
 
 Files, one line per row, partitioned so a reader can pick a version and a day::
 
@@ -42,13 +44,19 @@ class PredictionLog:
         model_version: str,
         max_buffered_rows: int = 200_000,
         flush_seconds: float = 0.5,
+        max_bytes: int = 512 * 1024 * 1024,
+        max_file_bytes: int = MAX_FILE_BYTES,
     ) -> None:
         self.directory = directory
         self.identity = {"model_line": model_line, "model_name": model_name, "model_version": model_version}
         self.max_buffered_rows = max_buffered_rows
         self.flush_seconds = flush_seconds
+        self.max_bytes = max_bytes
+        self.max_file_bytes = min(max_file_bytes, max(1, max_bytes // 4))
         self.written = 0  # rows
-        self.dropped = 0  # rows
+        self.dropped = 0  # rows never written: the buffer was full
+        self.pruned = 0  # rows written, then deleted to stay under max_bytes (a shipper had not taken them)
+        self._closed_files: deque[tuple[Path, int, int]] = deque()  # (path, bytes, rows), oldest first
         self._buffer: deque[tuple[float, str, list[dict[str, Any]], list[float]]] = deque()
         self._buffered_rows = 0
         self._lock = threading.Lock()
@@ -58,6 +66,7 @@ class PredictionLog:
         self._file: Any = None
         self._file_key: tuple[str, int] | None = None
         self._file_bytes = 0
+        self._file_rows = 0
         self._files = 0
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         directory.mkdir(parents=True, exist_ok=True)
@@ -111,16 +120,35 @@ class PredictionLog:
     def _write(self, stamp: datetime, lines: list[str]) -> None:
         day = stamp.strftime("%Y-%m-%d")
         rotate = self._file is None or self._file_key is None or self._file_key[0] != day
-        if rotate or self._file_bytes > MAX_FILE_BYTES:
+        if rotate or self._file_bytes > self.max_file_bytes:
             if self._file is not None:
                 self._file.close()
+                self._closed_files.append((Path(self._file.name), self._file_bytes, self._file_rows))
             self._files += 1
             folder = self.directory / self.identity["model_line"] / f"v{self.identity['model_version']}" / day
             folder.mkdir(parents=True, exist_ok=True)
             self._file = open(folder / f"{self._prefix}-{self._files}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            self._file_key, self._file_bytes = (day, self._files), 0
+            self._file_key, self._file_bytes, self._file_rows = (day, self._files), 0, 0
         text = "\n".join(lines) + "\n"
         self._file.write(text)
         self._file.flush()
         self._file_bytes += len(text)
+        self._file_rows += len(lines)
         self.written += len(lines)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete this process's oldest closed files while its files exceed ``max_bytes``.
+
+        A full disk would stop the pod (Kubernetes evicts it past the volume's size limit); a log
+        shipper normally takes files long before this. A file already taken away is just forgotten.
+        """
+        total = self._file_bytes + sum(size for _, size, _ in self._closed_files)
+        while total > self.max_bytes and self._closed_files:
+            path, size, rows = self._closed_files.popleft()
+            try:
+                path.unlink()
+                self.pruned += rows
+            except FileNotFoundError:
+                pass
+            total -= size

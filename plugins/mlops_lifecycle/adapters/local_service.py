@@ -14,6 +14,7 @@ Under the local home: ``services/<line>.json|.log`` (state, service log), ``pack
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -56,6 +57,14 @@ class ServiceState:
 def _child_env() -> dict[str, str]:
     """This process's environment without Airflow's and MLflow's settings."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_"))}
+
+
+def _is_model_service(pid: int) -> bool:
+    """The pid runs our service (after a reboot a recorded pid may belong to anything)."""
+    try:
+        return b"model_service.app" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): trust the pid as before
 
 
 def _port_in_use(port: int) -> bool:
@@ -124,7 +133,7 @@ class LocalServiceDeployer:
         if not path.exists():
             return None
         state = ServiceState(**json.loads(path.read_text()))
-        return state if _alive(state.pid) else None
+        return state if _alive(state.pid) and _is_model_service(state.pid) else None
 
     def deploy(self, pin: dict[str, str], port: int, env: dict[str, str], revision: str) -> ServiceState:
         """Replace the line's service with one serving the pinned version; reuse it if already so.
@@ -141,6 +150,9 @@ class LocalServiceDeployer:
         ):
             log.info("Service for %s v%s already serving (pid %d): reusing it", model_line, model_version, running.pid)
             return running
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log_file = self.state_dir / f"{model_line}.log"
+        package = self.package(pin, env, log_file)  # before stopping: a failed build leaves the old one serving
         if running:
             self.stop(model_line)
         if _port_in_use(port):
@@ -149,9 +161,6 @@ class LocalServiceDeployer:
                 "bind it, and verification will see whatever answers there",
                 port,
             )
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        log_file = self.state_dir / f"{model_line}.log"
-        package = self.package(pin, env, log_file)
         child_env = {
             **_child_env(),
             "MODEL_DIR": str(package),
@@ -224,5 +233,6 @@ class LocalServiceDeployer:
                 except ChildProcessError:
                     pass
             if _alive(running.pid):
-                os.killpg(running.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(running.pid, signal.SIGKILL)
         state_file.unlink(missing_ok=True)

@@ -297,9 +297,10 @@ class GitLabHook(BaseHook):
         )
 
     # delivery --------------------------------------------------------------------------------
-    def pipelines_for(self, project: str, sha: str) -> list[PipelineState]:
-        """Pipelines of commit ``sha``, newest first."""
-        found = self.project(project).pipelines.list(sha=sha, order_by="id", sort="desc", get_all=True)
+    def pipelines_for(self, project: str, sha: str, ref: str | None = None) -> list[PipelineState]:
+        """Pipelines of commit ``sha`` (on branch ``ref``, if given), newest first."""
+        filters = {"sha": sha} if ref is None else {"sha": sha, "ref": ref}
+        found = self.project(project).pipelines.list(**filters, order_by="id", sort="desc", get_all=True)
         return [PipelineState(p.id, p.status, p.web_url, p.sha, p.ref) for p in found]
 
     def deployments_for(self, project: str, sha: str, environment: str) -> list[DeploymentState]:

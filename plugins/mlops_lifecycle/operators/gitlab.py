@@ -165,6 +165,7 @@ class AwaitPipelineOperator(LifecycleOperator):
                 conn_id=review.gitlab_conn_id,
                 project=review.project,
                 sha=self.merge["merge_commit"],
+                ref=review.target_branch,
                 deadline=time.time() + deploy.pipeline_timeout_minutes * 60,
                 poll_interval=deploy.poll_interval_seconds,
             ),

@@ -141,20 +141,25 @@ class MergeRequestMergedTrigger(_GitLabPollTrigger):
 
 
 class PipelineSucceededTrigger(_GitLabPollTrigger):
-    """The newest pipeline of ``sha`` succeeds."""
+    """The newest pipeline of ``sha`` on ``ref`` (the target branch) succeeds.
 
-    def __init__(self, *, sha: str, **kwargs: Any) -> None:
+    The ref matters with fast-forward merges: the merge commit is then the merge request's head, and
+    its merge request pipeline (tests only, no deployment) must not pass for the branch pipeline.
+    """
+
+    def __init__(self, *, sha: str, ref: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sha = sha
+        self.ref = ref
 
     def _kwargs(self) -> dict[str, Any]:
-        return {**super()._kwargs(), "sha": self.sha}
+        return {**super()._kwargs(), "sha": self.sha, "ref": self.ref}
 
     def waiting_for(self) -> str:
         return f"the pipeline of {self.sha[:12]} in {self.project} to succeed"
 
     def check(self, hook: GitLabHook) -> tuple[str, dict[str, Any] | None]:
-        pipelines = hook.pipelines_for(self.project, self.sha)
+        pipelines = hook.pipelines_for(self.project, self.sha, self.ref)
         if not pipelines:
             return "no pipeline yet", None
         p = pipelines[0]
