@@ -378,7 +378,7 @@ def run_loadgen(url: str, body_file: Path, connections: int, server: Server) -> 
 
 # One model call's steps, timed in a fresh process (no Airflow imported, one thread, like the servers).
 MODEL_STEPS = r"""
-import json, os, statistics, sys, time
+import json, os, shutil, statistics, sys, tempfile, time
 os.environ["OMP_NUM_THREADS"] = "1"
 import mlflow.pyfunc, pandas as pd, sklearn
 
@@ -388,15 +388,19 @@ sys.path.insert(0, sys.argv[3])
 from pathlib import Path
 from model_service.app import Model
 from model_service.package import open_package
+from model_service.prediction_log import PredictionLog
 
 pipeline = pyfunc.get_raw_model()
 encode, model = pipeline[:-1], pipeline[-1]
 service_model = Model(open_package(Path(sys.argv[1]).parent))  # the service's own serving code
 assert service_model.compiled is not None, service_model.not_compiled_because
 
-def log_lines(part):
-    head = json.dumps({"ts": "2026-11-30T00:00:00.000Z", "request_id": "0" * 32, "model_line": "x"})[:-1]
-    return [f'{head}, "row": {i}, "inputs": {json.dumps(r)}, "prediction": 1.0}}' for i, r in enumerate(part)]
+prediction_log = PredictionLog(Path(tempfile.mkdtemp()), model_line="x", model_name="x", model_version="1",
+                               flush_seconds=3600)  # drained below, in this thread, to time one request's share
+
+def log_request(part, body):
+    prediction_log.record("0" * 32, body, [1.0] * len(part))
+    prediction_log._drain()
 
 def median_ms(call, budget=0.4):
     call()
@@ -426,10 +430,12 @@ for size in map(int, sys.argv[4:]):
         "mlflow pyfunc predict (schema enforcement + pipeline)": lambda: pyfunc.predict(frame),
         "model service: rows checked against the signature": lambda: service_model.validator.check(part),
         "model service: compiled model (column arrays + numpy trees)": lambda: service_model.predict_compiled(part),
-        "model service: prediction log lines (background thread)": lambda: log_lines(part),
+        "model service: prediction log, one request (background thread)": lambda: log_request(part, body.encode()),
     }
     for name, call in steps.items():
         out.setdefault(name, {})[size] = median_ms(call)
+prediction_log.close()
+shutil.rmtree(prediction_log.directory)
 print(json.dumps(out))
 """
 

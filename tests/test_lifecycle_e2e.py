@@ -204,7 +204,8 @@ def test_first_lifecycle_promotes_and_records_everything(line):
         if any(r["request_id"] == "e2e-probe" for r in logged):
             break
         time.sleep(0.1)
-    assert [r["row"] for r in logged if r["request_id"] == "e2e-probe"] == [0, 1, 2]
+    [probe] = [r for r in logged if r["request_id"] == "e2e-probe"]
+    assert probe["request"] == {"rows": golden["rows"][:3]} and len(probe["predictions"]) == 3
 
 
 def test_rerunning_a_window_does_nothing_twice(line):

@@ -650,7 +650,7 @@ def test_model_loaded_is_logged_once_with_run_and_serving_path(service: Running,
     assert loaded[0]["golden_rows"] == GOLDEN_ROWS
 
 
-def test_prediction_log_has_one_record_per_scored_row(
+def test_prediction_log_has_every_scored_row_with_its_prediction(
     client: httpx.Client, service: Running, model: dict[str, Any]
 ) -> None:
     directory = Path(service.env["PREDICTION_LOG_DIR"])
@@ -670,7 +670,7 @@ def test_prediction_log_has_one_record_per_scored_row(
     records = _wait_for_records(directory, set(sent))
     mine = [(path, r) for path, r in records if r["request_id"].endswith(tag)]
     assert rejected not in {r["request_id"] for _, r in mine}, "a rejected request logs nothing"
-    assert len(mine) == sum(len(rows) for rows, _ in sent.values()), "one line per scored row"
+    assert sorted(r["request_id"] for _, r in mine) == sorted(sent), "one line per scored request"
     today = datetime.now(UTC).date()
     for path, record in mine:
         relative = path.relative_to(directory).parts
@@ -679,10 +679,9 @@ def test_prediction_log_has_one_record_per_scored_row(
         assert today - timedelta(days=1) <= day <= today
         rows, predictions = sent[record["request_id"]]
         assert record["model_version"] == "1" and record["model_name"] == MODEL_NAME
-        assert record["inputs"] == rows[record["row"]]
-        assert record["prediction"] == predictions[record["row"]]
-    for request_id, (rows, _) in sent.items():
-        assert sorted(r["row"] for _, r in mine if r["request_id"] == request_id) == list(range(len(rows)))
+        # request.rows[i] was scored as predictions[i], exactly as sent and answered
+        assert record["request"] == {"rows": rows} and record["rows"] == len(rows)
+        assert record["predictions"] == predictions
 
 
 # --------------------------------------------------------------------------------------------------
@@ -767,10 +766,9 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_prediction(
     assert complete[0]["prediction_log_written_rows"] == n_requests * n_rows
     assert complete[0]["prediction_log_dropped_rows"] == 0
     records = _prediction_records(Path(running.env["PREDICTION_LOG_DIR"]))
-    logged: dict[str, int] = {}
-    for _, record in records:
-        logged[record["request_id"]] = logged.get(record["request_id"], 0) + 1
+    logged = {record["request_id"]: len(record["predictions"]) for _, record in records}
     assert logged == dict.fromkeys(request_ids, n_rows)
+    assert all(len(record["request"]["rows"]) == n_rows for _, record in records)
 
 
 # --------------------------------------------------------------------------------------------------

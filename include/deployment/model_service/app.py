@@ -760,7 +760,8 @@ async def _body(request: Request) -> bytes:
 async def predict(request: Request) -> Response:
     """Score rows: ``{"rows": [{feature: value, ...}, ...]}`` -> one prediction per row."""
     service = _service(request)
-    rows = parse_body(await _body(request))
+    body = await _body(request)
+    rows = parse_body(body)
     request.state.rows = len(rows)
     service.model.validator.check(rows)
     try:
@@ -774,7 +775,7 @@ async def predict(request: Request) -> Response:
     request_id = request.state.request_id
     ROWS.labels(service.settings.model_version).inc(len(rows))
     if service.prediction_log is not None:
-        service.prediction_log.record(request_id, rows, predictions)
+        service.prediction_log.record(request_id, body, predictions)
     return _json(
         {
             "model_name": service.settings.model_name,

@@ -1,18 +1,24 @@
-"""Prediction log for drift monitoring: every scored row with its prediction, off the request path.
+"""Prediction log for drift monitoring: every scored request with its predictions, off the request path.
 
-The request path only appends one tuple to a bounded in-memory buffer (no I/O, no serialisation); a
-background thread turns the buffer into JSON lines every ``flush_seconds`` and appends them to a file.
+The request path only appends one tuple to a bounded in-memory buffer (no I/O, no serialisation): the
+request body as received (it was validated) and the predictions. A background thread writes them as
+JSON lines every ``flush_seconds``. The body is embedded as it came rather than re-encoded row by row:
+encoding rows in Python holds the GIL, and a background thread doing that for every row slowed the
+request path it was meant to stay off (100-row requests: p99 41 ms with per-row encoding, 6 ms without).
 When the buffer is full (the disk cannot keep up) records are dropped and counted, never waited for:
 serving comes first, and ``dropped`` is exported as a metric so the gap is visible. The files of one
 process never take more than ``max_bytes``: past it the oldest are deleted (``pruned``, also a
 metric), because a full volume would get the pod evicted.
 
-Files, one line per row, partitioned so a reader can pick a version and a day::
+Files, one line per request, partitioned so a reader can pick a version and a day::
 
     <directory>/<model_line>/v<model_version>/<YYYY-MM-DD>/<host>-<pid>-<start>-<n>.jsonl
 
     {"ts": "2026-11-29T10:00:00.123Z", "request_id": "...", "model_line": "...", "model_name": "...",
-     "model_version": "3", "row": 0, "inputs": {...}, "prediction": 412.7}
+     "model_version": "3", "rows": 2, "request": {"rows": [{...}, {...}]}, "predictions": [412.7, 98.1]}
+
+``request.rows[i]`` was scored as ``predictions[i]`` (DuckDB: ``unnest(request['rows'])`` beside
+``unnest(predictions)``).
 
 Locally the directory is ``.local/predictions``; in Kubernetes it is a volume that a log shipper
 (Fluent Bit, Vector) forwards to the warehouse or object store the drift monitor reads (see the
@@ -57,7 +63,7 @@ class PredictionLog:
         self.dropped = 0  # rows never written: the buffer was full
         self.pruned = 0  # rows written, then deleted to stay under max_bytes (a shipper had not taken them)
         self._closed_files: deque[tuple[Path, int, int]] = deque()  # (path, bytes, rows), oldest first
-        self._buffer: deque[tuple[float, str, list[dict[str, Any]], list[float]]] = deque()
+        self._buffer: deque[tuple[float, str, bytes, list[float]]] = deque()
         self._buffered_rows = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -72,14 +78,16 @@ class PredictionLog:
         directory.mkdir(parents=True, exist_ok=True)
         self._thread.start()
 
-    def record(self, request_id: str, rows: list[dict[str, Any]], predictions: list[float]) -> None:
-        """Buffer one request's rows and predictions; never blocks, drops (and counts) when full."""
+    def record(self, request_id: str, body: bytes, predictions: list[float]) -> None:
+        """Buffer one request (its validated JSON body) and its predictions; never blocks, drops (and
+        counts) when full. Counts are in rows: one prediction per row."""
+        rows = len(predictions)
         with self._lock:
-            if self._closing or self._buffered_rows + len(rows) > self.max_buffered_rows:
-                self.dropped += len(rows)
+            if self._closing or self._buffered_rows + rows > self.max_buffered_rows:
+                self.dropped += rows
                 return
-            self._buffered_rows += len(rows)
-            self._buffer.append((time.time(), request_id, rows, predictions))
+            self._buffered_rows += rows
+            self._buffer.append((time.time(), request_id, body, predictions))
 
     def close(self, timeout: float = 10.0) -> None:
         """Write everything buffered and close the file."""
@@ -102,22 +110,25 @@ class PredictionLog:
     def _drain(self) -> None:
         with self._lock:
             batch, self._buffer, self._buffered_rows = self._buffer, deque(), 0
-        lines: list[str] = []
-        for ts, request_id, rows, predictions in batch:
+        lines: list[bytes] = []
+        rows = 0
+        for ts, request_id, body, predictions in batch:
             stamp = datetime.fromtimestamp(ts, UTC)
             when = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            # The fields shared by a request's rows are encoded once (a third less CPU than a dict per row).
-            head = json.dumps({"ts": when, "request_id": request_id, **self.identity})[:-1]
-            for i, (row, prediction) in enumerate(zip(rows, predictions, strict=True)):
-                inputs = json.dumps(row, default=str)
-                lines.append(f'{head}, "row": {i}, "inputs": {inputs}, "prediction": {json.dumps(prediction)}}}')
-            if len(lines) >= 10_000:
-                self._write(stamp, lines)
-                lines = []
+            head = json.dumps({"ts": when, "request_id": request_id, **self.identity, "rows": len(predictions)})
+            # Bytes throughout: the body is never decoded or re-encoded. Valid JSON has no raw line
+            # breaks inside strings; outside them they are whitespace.
+            request = body.replace(b"\n", b" ").replace(b"\r", b" ")
+            tail = json.dumps(predictions).encode()
+            lines.append(b"".join((head[:-1].encode(), b', "request": ', request, b', "predictions": ', tail, b"}")))
+            rows += len(predictions)
+            if rows >= 100_000:
+                self._write(stamp, lines, rows)
+                lines, rows = [], 0
         if lines:
-            self._write(datetime.now(UTC), lines)
+            self._write(datetime.now(UTC), lines, rows)
 
-    def _write(self, stamp: datetime, lines: list[str]) -> None:
+    def _write(self, stamp: datetime, lines: list[bytes], rows: int) -> None:
         day = stamp.strftime("%Y-%m-%d")
         rotate = self._file is None or self._file_key is None or self._file_key[0] != day
         if rotate or self._file_bytes > self.max_file_bytes:
@@ -127,14 +138,14 @@ class PredictionLog:
             self._files += 1
             folder = self.directory / self.identity["model_line"] / f"v{self.identity['model_version']}" / day
             folder.mkdir(parents=True, exist_ok=True)
-            self._file = open(folder / f"{self._prefix}-{self._files}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._file = open(folder / f"{self._prefix}-{self._files}.jsonl", "ab")  # noqa: SIM115
             self._file_key, self._file_bytes, self._file_rows = (day, self._files), 0, 0
-        text = "\n".join(lines) + "\n"
+        text = b"\n".join(lines) + b"\n"
         self._file.write(text)
         self._file.flush()
         self._file_bytes += len(text)
-        self._file_rows += len(lines)
-        self.written += len(lines)
+        self._file_rows += rows
+        self.written += rows
         self._prune()
 
     def _prune(self) -> None:
