@@ -206,6 +206,10 @@ def test_first_lifecycle_promotes_and_records_everything(line):
         time.sleep(0.1)
     [probe] = [r for r in logged if r["request_id"] == "e2e-probe"]
     assert probe["request"] == {"rows": golden["rows"][:3]} and len(probe["predictions"]) == 3
+    # the fast path serves it (compiled gradient boosting), having reproduced the training run's golden set
+    service_log = (paths.local_home() / "services" / f"{LINE}.log").read_text()
+    [loaded] = [json.loads(x) for x in service_log.splitlines() if '"model_loaded"' in x][-1:]
+    assert "HistGradientBoostingRegressor" in loaded["compiled"], loaded
 
 
 def test_rerunning_a_window_does_nothing_twice(line):

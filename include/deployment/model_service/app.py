@@ -65,6 +65,7 @@ REQUIRED_ENV = ("MODEL_DIR", "MODEL_LINE", "MODEL_NAME", "MODEL_VERSION")
 MAX_ROWS = 10_000
 MAX_BODY_BYTES = 32 * 1024 * 1024  # 10,000 wide rows fit; a bigger body is refused before it is held in memory
 MAX_REPORTED_ERRORS = 50
+INLINE_ROWS = 32  # compiled calls up to this many rows run in the event loop (~0.5 ms for 300 trees)
 GOLDEN_RELATIVE_TOLERANCE = 1e-6
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -407,6 +408,10 @@ class Model:
             self.path = "mlflow.pyfunc predict"
             self.not_compiled_because = f"not a scikit-learn model (flavors: {', '.join(sorted(flavors))})"
 
+    def cheap(self, rows: int) -> bool:
+        """A call on ``rows`` rows takes well under a millisecond (the compiled path on a small batch)."""
+        return self.compiled is not None and rows <= INLINE_ROWS
+
     def predict(self, rows: list[dict[str, Any]]) -> list[float]:
         if self.compiled is not None and len(rows) <= self.compiled.max_rows_faster:
             return self.predict_compiled(rows)
@@ -430,11 +435,22 @@ class MicroBatcher:
     Whenever the model thread is free it takes every queued request (up to ``max_rows`` rows) as one
     call. No timer: an idle service scores a lone request at once. If a combined call fails, each
     request is scored alone so one request's failure never becomes another's.
+
+    Calls that ``inline`` says are cheap (the compiled model on a small batch, well under a
+    millisecond) run in the event loop itself: handing them to the model thread cost more than the
+    call, and the two threads then took turns on the GIL (single-row p99 6-10 ms at 8 connections).
+    Requests that arrive meanwhile wait in their sockets and are batched together next.
     """
 
-    def __init__(self, predict: Callable[[list[dict[str, Any]]], list[float]], max_rows: int) -> None:
+    def __init__(
+        self,
+        predict: Callable[[list[dict[str, Any]]], list[float]],
+        max_rows: int,
+        inline: Callable[[int], bool] = lambda rows: False,
+    ) -> None:
         self._predict = predict
         self._max_rows = max_rows
+        self._inline = inline
         self._queue: list[tuple[list[dict[str, Any]], asyncio.Future[list[float]]]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._worker: asyncio.Task[None] | None = None
@@ -462,7 +478,10 @@ class MicroBatcher:
             combined = [row for rows, _ in batch for row in rows]
             BATCH_ROWS.observe(size)
             try:
-                results = await loop.run_in_executor(self._executor, self._predict, combined)
+                if self._inline(size):
+                    results = self._predict(combined)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._predict, combined)
             except Exception:
                 if len(batch) == 1:
                     _, future = batch[0]
@@ -527,7 +546,8 @@ def load_service(settings: Settings) -> Service:
             model_version=settings.model_version,
             max_bytes=settings.prediction_log_max_mb * 1024 * 1024,
         )
-    return Service(settings, package, model, MicroBatcher(model.predict, settings.max_batch_rows), prediction_log)
+    batcher = MicroBatcher(model.predict, settings.max_batch_rows, inline=model.cheap)
+    return Service(settings, package, model, batcher, prediction_log)
 
 
 def check_golden_set(model: Model, package: Package, label: str) -> None:
