@@ -21,6 +21,8 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from test_docker_compose import flag_value
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENT = REPO / "include" / "deployment"
 GITLAB_CI = DEPLOYMENT / ".gitlab-ci.yml"
@@ -474,16 +476,6 @@ def docker_non_root(text: str) -> Problems:
     return []
 
 
-def _flag(command: list[str], flag: str) -> str | None:
-    """The value after ``flag`` (or in ``flag=value``)."""
-    for i, part in enumerate(command):
-        if part == flag and i + 1 < len(command):
-            return command[i + 1]
-        if part.startswith(f"{flag}="):
-            return part.split("=", 1)[1]
-    return None
-
-
 def docker_serving(text: str) -> Problems:
     """Port 8080, a /ready health check without curl, uvicorn in exec form with a graceful shutdown."""
     stages = _stages(text)
@@ -505,9 +497,9 @@ def docker_serving(text: str) -> Problems:
     if not isinstance(cmd, list) or cmd[:2] != ["uvicorn", "model_service.app:app"]:
         problems.append(f"CMD {cmd} does not run `uvicorn model_service.app:app`")
         return problems
-    if _flag(cmd, "--host") != "0.0.0.0" or _flag(cmd, "--port") != SERVICE_PORT:
+    if flag_value(cmd, "--host") != "0.0.0.0" or flag_value(cmd, "--port") != SERVICE_PORT:
         problems.append(f"CMD does not listen on 0.0.0.0:{SERVICE_PORT}: {cmd}")
-    if not (_flag(cmd, "--timeout-graceful-shutdown") or "").isdigit():
+    if not (flag_value(cmd, "--timeout-graceful-shutdown") or "").isdigit():
         problems.append(f"CMD has no --timeout-graceful-shutdown <seconds>: {cmd}")
     return problems
 

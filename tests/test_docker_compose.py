@@ -254,7 +254,7 @@ def airflow_environment(text: str) -> Problems:
     except json.JSONDecodeError:
         problems.append("AIRFLOW_CONN_MLFLOW_DEFAULT is not a JSON connection")
     else:
-        mlflow_port = _flag(_command(services.get("mlflow", {})), "--port")
+        mlflow_port = flag_value(_command(services.get("mlflow", {})), "--port")
         wanted = {"conn_type": "http", "host": "mlflow", "port": int(mlflow_port or 0), "schema": "http"}
         if mlflow_conn != wanted or "mlflow" not in services:
             problems.append(f"AIRFLOW_CONN_MLFLOW_DEFAULT {mlflow_conn} does not reach the mlflow service")
@@ -264,7 +264,8 @@ def airflow_environment(text: str) -> Problems:
     return problems
 
 
-def _flag(command: list[str], flag: str) -> str | None:
+def flag_value(command: list[str], flag: str) -> str | None:
+    """The value after ``flag`` (or in ``flag=value``) in a command line."""
     for i, part in enumerate(command):
         if part == flag and i + 1 < len(command):
             return command[i + 1]
@@ -278,16 +279,16 @@ def mlflow_server(text: str) -> Problems:
     if command[:2] != ["mlflow", "server"]:
         return [f"mlflow does not run `mlflow server`: {command}"]
     problems: Problems = []
-    allowed = (_flag(command, "--allowed-hosts") or "").split(",")
+    allowed = (flag_value(command, "--allowed-hosts") or "").split(",")
     for host in ("mlflow", "mlflow:5000", "localhost:5000"):
         if host not in allowed:
             problems.append(f"mlflow --allowed-hosts lacks {host!r} (requests with that Host header get rejected)")
-    store = _with_defaults(_flag(command, "--backend-store-uri") or "")
+    store = _with_defaults(flag_value(command, "--backend-store-uri") or "")
     if not re.fullmatch(r"postgresql\+psycopg2://[^@]+@postgres(:\d+)?/mlflow", store):
         problems.append(f"mlflow backend store {store!r} is not the mlflow database on postgres")
-    if not _flag(command, "--artifacts-destination"):
+    if not flag_value(command, "--artifacts-destination"):
         problems.append("mlflow has no --artifacts-destination")
-    if _flag(command, "--host") != "0.0.0.0":
+    if flag_value(command, "--host") != "0.0.0.0":
         problems.append("mlflow does not listen on 0.0.0.0")
     return problems
 

@@ -36,6 +36,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+from collections import deque  # noqa: E402
 from collections.abc import AsyncIterator, Callable, Mapping  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
@@ -58,7 +59,14 @@ from prometheus_client import (  # noqa: E402
 )
 
 from model_service.compiled import CompiledModel, compile_model  # noqa: E402
-from model_service.package import Package, PackageError, open_package  # noqa: E402
+from model_service.package import (  # noqa: E402
+    ModelOutputError,
+    Package,
+    PackageError,
+    golden_mismatches,
+    open_package,
+    to_floats,
+)
 from model_service.prediction_log import PredictionLog  # noqa: E402
 
 REQUIRED_ENV = ("MODEL_DIR", "MODEL_LINE", "MODEL_NAME", "MODEL_VERSION")
@@ -66,7 +74,6 @@ MAX_ROWS = 10_000
 MAX_BODY_BYTES = 32 * 1024 * 1024  # 10,000 wide rows fit; a bigger body is refused before it is held in memory
 MAX_REPORTED_ERRORS = 50
 INLINE_ROWS = 32  # compiled calls up to this many rows run in the event loop (~0.5 ms for 300 trees)
-GOLDEN_RELATIVE_TOLERANCE = 1e-6
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _INT_BOUNDS = {"integer": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
@@ -349,26 +356,6 @@ def _kind(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 # The model and the batcher.
 # --------------------------------------------------------------------------------------------------
-class ModelOutputError(RuntimeError):
-    """The model returned something that is not one finite number per row: a model bug, not bad input."""
-
-
-def to_floats(raw: Any, n_rows: int) -> list[float]:
-    """One finite float per row: values, or the positive-class column of (n, 2) class probabilities."""
-    values = raw.to_numpy() if isinstance(raw, pd.DataFrame | pd.Series) else np.asarray(raw)
-    if values.ndim == 2 and values.shape[1] in (1, 2):
-        values = values[:, -1]
-    if values.ndim != 1 or values.shape[0] != n_rows:
-        raise ModelOutputError(f"model returned output of shape {values.shape}, expected ({n_rows},)")
-    try:
-        floats = values.astype(float)
-    except (TypeError, ValueError) as exc:
-        raise ModelOutputError(f"model output is not numeric ({values.dtype}): {exc}") from exc
-    if not np.isfinite(floats).all():
-        raise ModelOutputError(f"model returned a non-finite prediction at row {int(np.argmin(np.isfinite(floats)))}")
-    return floats.tolist()
-
-
 class Model:
     """The loaded model behind one call: rows in, one float per row out.
 
@@ -451,28 +438,23 @@ class MicroBatcher:
         self._predict = predict
         self._max_rows = max_rows
         self._inline = inline
-        self._queue: list[tuple[list[dict[str, Any]], asyncio.Future[list[float]]]] = []
+        self._queue: deque[tuple[list[dict[str, Any]], asyncio.Future[list[float]]]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._worker: asyncio.Task[None] | None = None
-        self.in_flight = 0
 
     async def predict(self, rows: list[dict[str, Any]]) -> list[float]:
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
         self._queue.append((rows, future))
-        self.in_flight += 1
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
-        try:
-            return await future
-        finally:
-            self.in_flight -= 1
+        return await future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
             batch, size = [], 0
             while self._queue and (not batch or size + len(self._queue[0][0]) <= self._max_rows):
-                rows, future = self._queue.pop(0)
+                rows, future = self._queue.popleft()
                 batch.append((rows, future))
                 size += len(rows)
             combined = [row for rows, _ in batch for row in rows]
@@ -556,7 +538,7 @@ def check_golden_set(model: Model, package: Package, label: str) -> None:
     The model's own path must reproduce them or the service does not start; a compiled path that
     does not is switched off (logged), and the service serves through the model's own path.
     """
-    golden = package.golden_set()
+    golden = package.golden_set
     rows, expected = golden["rows"], golden["predictions"]
     try:
         model.validator.check(rows)
@@ -566,25 +548,18 @@ def check_golden_set(model: Model, package: Package, label: str) -> None:
         served = model.predict_model(rows)
     except Exception as exc:
         raise StartupError(f"{label} failed its warm-up prediction on the golden set: {_one_line(exc)}") from exc
-    wrong = _golden_mismatch(served, expected)
+    wrong = golden_mismatches(served, expected)
     if wrong:
-        raise StartupError(f"{label} {wrong}: the serving path ({model.path}) does not reproduce the model")
+        raise StartupError(f"{label}, {wrong[0]}: the serving path ({model.path}) does not reproduce the model")
     if model.compiled is None:
         return
     try:
-        wrong = _golden_mismatch(model.predict_compiled(rows), expected)
+        wrong = golden_mismatches(model.predict_compiled(rows), expected)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
-        wrong = f"fails: {_one_line(exc)}"
+        wrong = [f"fails: {_one_line(exc)}"]
     if wrong:
-        model.not_compiled_because = f"the compiled path {wrong}"
+        model.not_compiled_because = f"the compiled path differs, {wrong[0]}"
         model.compiled = None
-
-
-def _golden_mismatch(served: list[float], expected: list[float]) -> str | None:
-    for i, (got, want) in enumerate(zip(served, expected, strict=True)):
-        if not math.isclose(got, want, rel_tol=GOLDEN_RELATIVE_TOLERANCE, abs_tol=1e-9):
-            return f"predicts {got!r} for golden row {i}, the offline prediction is {want!r}"
-    return None
 
 
 @asynccontextmanager
@@ -615,7 +590,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         compiled_up_to_rows=service.model.compiled.max_rows_faster if service.model.compiled else None,
         not_compiled_because=None if service.model.compiled else service.model.not_compiled_because,
         schema_validation=service.model.validator.enabled,
-        golden_rows=len(service.package.golden_set()["rows"]),
+        golden_rows=len(service.package.golden_set["rows"]),
         prediction_log=str(settings.prediction_log_dir) if settings.prediction_log_dir else None,
         startup_s=round(time.perf_counter() - started, 2),
     )

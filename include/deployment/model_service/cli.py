@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from model_service.package import PackageError, Pin, build, open_package
+from model_service.package import PackageError, Pin, build, golden_mismatches, open_package
 
 PINS_DIR = Path("models")
 NO_COMMIT = "0" * 40
@@ -69,23 +69,18 @@ def smoke(url: str, package_dir: Path, code_revision: str | None, wait_seconds: 
             time.sleep(2)
     answer = _request(f"{base}/version")
     pin = package.pin
-    expected = {"model_line": pin.model_line, "model_name": pin.model_name, "model_version": pin.model_version}
-    expected["run_id"] = pin.run_id
+    expected = asdict(pin)
     if code_revision:
         expected["code_revision"] = code_revision
     wrong = [f"{k} {answer.get(k)!r} (expected {v!r})" for k, v in expected.items() if str(answer.get(k)) != v]
     if wrong:
         raise StepFailed(f"{base}/version reports another deployment: " + ", ".join(wrong))
-    golden = package.golden_set()
+    golden = package.golden_set
     served = _request(f"{base}/predict", {"rows": golden["rows"]}).get("predictions")
     if not isinstance(served, list) or len(served) != len(golden["rows"]):
         count = len(served) if isinstance(served, list) else "no"
         raise StepFailed(f"{base}/predict answered {count} predictions for {len(golden['rows'])} golden rows")
-    off = [
-        f"row {i}: served {got!r}, offline {want!r}"
-        for i, (got, want) in enumerate(zip(served, golden["predictions"], strict=True))
-        if not isinstance(got, int | float) or not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
-    ]
+    off = golden_mismatches(served, golden["predictions"])
     if off:
         raise StepFailed(f"{base}/predict differs from the offline predictions: " + "; ".join(off[:5]))
     return f"{base} serves {pin.label()}; {len(served)} golden rows match the offline predictions"

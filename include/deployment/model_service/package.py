@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,44 @@ MODEL_SUBDIR = "model"
 GOLDEN_SET = "golden_set.json"
 GOLDEN_SET_ARTIFACT = "golden_set.json"  # logged by the training entrypoint next to the model
 PIN_FIELDS = ("model_line", "model_name", "model_version", "run_id")
+GOLDEN_RELATIVE_TOLERANCE = 1e-6
 
 
 class PackageError(RuntimeError):
     """The package cannot be built or does not hold what the image pins."""
+
+
+class ModelOutputError(RuntimeError):
+    """The model returned something that is not one finite number per row: a model bug, not bad input."""
+
+
+def to_floats(raw: Any, n_rows: int) -> list[float]:
+    """One finite float per row, the shape of every prediction here (served, and in the golden set):
+    values, or the positive-class column of (n, 2) class probabilities."""
+    import numpy as np
+
+    values = np.asarray(raw.to_numpy() if hasattr(raw, "to_numpy") else raw)
+    if values.ndim == 2 and values.shape[1] in (1, 2):
+        values = values[:, -1]
+    if values.ndim != 1 or values.shape[0] != n_rows:
+        raise ModelOutputError(f"model returned output of shape {values.shape}, expected ({n_rows},)")
+    try:
+        floats = values.astype(float)
+    except (TypeError, ValueError) as exc:
+        raise ModelOutputError(f"model output is not numeric ({values.dtype}): {exc}") from exc
+    if not np.isfinite(floats).all():
+        raise ModelOutputError(f"model returned a non-finite prediction at row {int(np.argmin(np.isfinite(floats)))}")
+    return floats.tolist()
+
+
+def golden_mismatches(served: list[Any], expected: list[float]) -> list[str]:
+    """Golden rows whose served prediction is not the offline one (relative 1e-6), as readable parts."""
+    return [
+        f"golden row {i}: served {got!r}, offline {want!r}"
+        for i, (got, want) in enumerate(zip(served, expected, strict=True))
+        if not isinstance(got, int | float)
+        or not math.isclose(got, want, rel_tol=GOLDEN_RELATIVE_TOLERANCE, abs_tol=1e-9)
+    ]
 
 
 @dataclass(frozen=True)
@@ -173,8 +209,10 @@ def _golden_set(pin: Pin, model_dir: Path, limit: int) -> dict[str, Any]:
     if example is None:
         raise PackageError(f"{pin.label()}: the run logged no {GOLDEN_SET_ARTIFACT} and the model has no input example")
     frame = example.head(limit)
-    output = model.predict(frame)
-    predictions = [float(v) for v in _last_column(output)]
+    try:
+        predictions = to_floats(model.predict(frame), len(frame))
+    except ModelOutputError as exc:
+        raise PackageError(f"{pin.label()}: scoring the input example for the golden set: {exc}") from None
     rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in frame.to_dict("records")]
     return {"source": "input example scored by mlflow.pyfunc at packaging", "rows": rows, "predictions": predictions}
 
@@ -184,16 +222,6 @@ def _golden_fields(logged: Mapping[str, Any], limit: int) -> dict[str, Any]:
     if not isinstance(rows, list) or not isinstance(predictions, list) or len(rows) != len(predictions) or not rows:
         raise PackageError(f"{GOLDEN_SET_ARTIFACT}: expected equally long, non-empty 'rows' and 'predictions' lists")
     return {"rows": rows[:limit], "predictions": [float(p) for p in predictions[:limit]]}
-
-
-def _last_column(output: Any) -> list[float]:
-    """One number per row: values as they are, or the positive-class column of (n, 2) probabilities."""
-    import numpy as np
-
-    values = np.asarray(output.to_numpy() if hasattr(output, "to_numpy") else output, dtype=float)
-    if values.ndim == 2 and values.shape[1] in (1, 2):
-        values = values[:, -1]
-    return values.tolist()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,10 +236,11 @@ class Package:
     def model_dir(self) -> Path:
         return self.root / MODEL_SUBDIR
 
-    @property
+    @cached_property
     def pin(self) -> Pin:
         return Pin.from_mapping(self.manifest, f"{self.root / MANIFEST}")
 
+    @cached_property
     def golden_set(self) -> dict[str, Any]:
         return json.loads((self.root / GOLDEN_SET).read_text())
 

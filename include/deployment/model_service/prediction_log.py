@@ -70,7 +70,7 @@ class PredictionLog:
         self._closing = False
         self._prefix = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
         self._file: Any = None
-        self._file_key: tuple[str, int] | None = None
+        self._file_day = ""
         self._file_bytes = 0
         self._file_rows = 0
         self._files = 0
@@ -130,7 +130,7 @@ class PredictionLog:
 
     def _write(self, stamp: datetime, lines: list[bytes], rows: int) -> None:
         day = stamp.strftime("%Y-%m-%d")
-        rotate = self._file is None or self._file_key is None or self._file_key[0] != day
+        rotate = self._file is None or self._file_day != day
         if rotate or self._file_bytes > self.max_file_bytes:
             if self._file is not None:
                 self._file.close()
@@ -139,7 +139,7 @@ class PredictionLog:
             folder = self.directory / self.identity["model_line"] / f"v{self.identity['model_version']}" / day
             folder.mkdir(parents=True, exist_ok=True)
             self._file = open(folder / f"{self._prefix}-{self._files}.jsonl", "ab")  # noqa: SIM115
-            self._file_key, self._file_bytes, self._file_rows = (day, self._files), 0, 0
+            self._file_day, self._file_bytes, self._file_rows = day, 0, 0
         text = b"\n".join(lines) + b"\n"
         self._file.write(text)
         self._file.flush()
