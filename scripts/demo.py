@@ -17,7 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugins"))
 
-from mlops_lifecycle import devstack, paths  # noqa: E402
+import devstack  # noqa: E402
+from mlops_lifecycle import paths  # noqa: E402
 
 
 def main() -> int:

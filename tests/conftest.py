@@ -20,7 +20,7 @@ if "airflow" in sys.modules:  # e.g. a warning filter in pyproject.toml naming a
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugins"))
 
-from mlops_lifecycle import devstack  # noqa: E402
+import devstack  # noqa: E402
 
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="mlops-tests-"))
 MODEL_LINES = SESSION_HOME / "model_lines"
@@ -89,6 +89,18 @@ def stack(mlflow_server, airflow_db) -> Path:  # noqa: ANN001
     deployer = LocalServiceDeployer(SESSION_HOME)
     for state in (SESSION_HOME / "services").glob("*.json"):
         deployer.stop(state.stem)
+
+
+KINDS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ANN201
+    """Mark each test with its kind, from the folder it lives in (``pytest -m "not e2e"`` is the fast loop)."""
+    for item in items:
+        kind = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/integration or tests/e2e")
+        item.add_marker(kind)
 
 
 def pytest_report_header(config):  # noqa: ANN001, ANN201

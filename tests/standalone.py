@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
+import devstack
 from conftest import REVIEWER, REVIEWER_PASSWORD
-from mlops_lifecycle import devstack
 
 HEALTH_TIMEOUT_SECONDS = 180
 COMPONENTS = ("scheduler", "triggerer", "dag_processor")

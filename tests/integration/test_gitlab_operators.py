@@ -42,7 +42,7 @@ from standins.base import Fault
 from standins.gitlab import AutoReview, CIPlan, GitLabStandIn
 from trigger_events import deferral, event_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "include" / "examples" / "production" / "demand_forecast.yaml"
 USERS = {"bot-token": "mlops-bot", "alice-token": "alice", "bob-token": "bob"}
 PROJECT = "ml-platform/deploy-test"  # not the example's project: proves the operators read the config

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAINING_DIR = REPO / "include" / "training"
 DEPLOYMENT_DIR = REPO / "include" / "deployment"
 RTOL = 1e-9

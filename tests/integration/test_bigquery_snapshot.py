@@ -42,7 +42,7 @@ from standins.bigquery import BigQueryStandIn
 from trigger_events import deferral as defers
 from trigger_events import event_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "include" / "examples" / "production" / "demand_forecast.yaml"
 PROJECT = "acme-mlops-prod"
 SOURCE = "acme-sales-prod.sales.daily_demand"

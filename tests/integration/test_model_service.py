@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENT_DIR = REPO / "include" / "deployment"
 MODEL_LINE = "svc_test_line"
 MODEL_NAME = "svc_test_model"

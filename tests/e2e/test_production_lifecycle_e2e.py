@@ -20,14 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+import devstack
 from conftest import MODEL_LINES, REPO
-from mlops_lifecycle import devstack, paths
+from mlops_lifecycle import paths
 from standins.base import Fault
 from standins.bigquery import BigQueryStandIn
 from standins.databricks import DatabricksStandIn
 from standins.gitlab import AutoReview, CIPlan, GitLabStandIn
-
-pytestmark = pytest.mark.e2e
 
 LINE = "prod_demand"
 DAG_ID = f"{LINE}__lifecycle"

@@ -118,7 +118,7 @@ def test_feature_sql_gives_the_same_rows_as_the_local_warehouse(standin, client,
     from mlops_lifecycle.adapters.sample_data import generate_daily_demand
     from mlops_lifecycle.adapters.warehouse import LocalWarehouse, render_sql
 
-    template = (Path(__file__).resolve().parents[1] / "include" / "sql" / "demand_forecast_features.sql").read_text()
+    template = (Path(__file__).resolve().parents[2] / "include" / "sql" / "demand_forecast_features.sql").read_text()
     data = generate_daily_demand(date(2024, 1, 1), date(2024, 3, 31), n_markets=3)
     local = LocalWarehouse(tmp_path / "warehouse")
     local.table_dir("daily_demand").mkdir(parents=True)

@@ -18,11 +18,10 @@ from datetime import UTC, datetime
 import pytest
 import yaml
 
+import devstack
 from conftest import MODEL_LINES, REVIEWER
 from hitl import Reviewer
-from mlops_lifecycle import devstack, paths
-
-pytestmark = pytest.mark.e2e
+from mlops_lifecycle import paths
 
 LINE = "e2e_demand"
 DAG_ID = f"{LINE}__lifecycle"

@@ -30,13 +30,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from mlops_lifecycle import devstack
-from standalone import session_processes, start_standalone
 from test_airflow_standalone import wait_for
 from test_production_lifecycle_e2e import DAG_ID, ProductionStack, window
 
-pytestmark = pytest.mark.e2e
+import devstack
+from standalone import session_processes, start_standalone
 
 # A registered model of its own, so the MLflow server the session shares with
 # test_production_lifecycle_e2e (which counts versions of "prod_demand") is left as that test expects.

@@ -47,7 +47,7 @@ from standins.databricks import DatabricksStandIn
 from trigger_events import deferral as defers
 from trigger_events import event_of as trigger_event_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "include" / "examples" / "production" / "demand_forecast.yaml"
 CONN_ID = "databricks_train_test"
 SECRET = "s3cr3t-mlflow-token-value"

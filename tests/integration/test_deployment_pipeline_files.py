@@ -20,10 +20,9 @@ from typing import Any
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
-
 from test_docker_compose import flag_value
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENT = REPO / "include" / "deployment"
 GITLAB_CI = DEPLOYMENT / ".gitlab-ci.yml"
 DOCKERFILE = DEPLOYMENT / "Dockerfile"

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from test_model_service import (
     CODE_REVISION,
     DEPLOYMENT_DIR,

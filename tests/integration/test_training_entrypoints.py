@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-
-from mlops_lifecycle.adapters.sample_data import generate_daily_demand
 from test_sample_data import feature_frame
 
-TRAINING_DIR = Path(__file__).resolve().parents[1] / "include" / "training"
+from mlops_lifecycle.adapters.sample_data import generate_daily_demand
+
+TRAINING_DIR = Path(__file__).resolve().parents[2] / "include" / "training"
 WINDOW_START, WINDOW_END = date(2024, 11, 25), date(2026, 11, 23)
 HOLDOUT_START = WINDOW_END - timedelta(days=28)
 TARGETS = {"demand_forecast": "units_sold", "high_demand_alert": "high_demand"}

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "include" / "deployment"))
 
 from model_service import manifests  # noqa: E402

@@ -12,11 +12,10 @@ import time
 import pytest
 import yaml
 
+import devstack
 from conftest import MODEL_LINES, REVIEWER
-from mlops_lifecycle import devstack, paths
+from mlops_lifecycle import paths
 from standalone import start_standalone
-
-pytestmark = pytest.mark.e2e
 
 LINE = "e2e_scheduled"
 DAG_ID = f"{LINE}__lifecycle"

@@ -23,7 +23,7 @@ import sqlglot
 
 from mlops_lifecycle.adapters.sample_data import SAMPLE_EPOCH, generate_daily_demand
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "include" / "sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "include" / "sql"
 LINES = ("demand_forecast", "high_demand_alert")
 TARGETS = {"demand_forecast": "units_sold", "high_demand_alert": "high_demand"}
 WINDOW_START, WINDOW_END = date(2023, 1, 2), date(2024, 1, 1)
@@ -216,7 +216,7 @@ def test_importing_the_module_stays_cheap_for_dag_parsing() -> None:
         "heavy = {'numpy', 'pandas', 'pyarrow'} & set(sys.modules); "
         "assert not heavy, heavy; print(m.SAMPLE_EPOCH)"
     )
-    plugins = Path(__file__).resolve().parents[1] / "plugins"
+    plugins = Path(__file__).resolve().parents[2] / "plugins"
     result = subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, "PYTHONPATH": str(plugins)},
