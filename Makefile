@@ -33,6 +33,7 @@ down:  ## stop the local model services started by deployments
 
 lint: venv
 	$(VENV)/bin/ruff check dags plugins include tests scripts
+	$(VENV)/bin/mypy -p mlops_lifecycle  # plugins/, configured in pyproject.toml (strict for the stage contract)
 
 lock: venv  ## re-resolve requirements.in into the pinned requirements.txt
 	$(VENV)/bin/uv pip compile requirements.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header -o requirements.txt

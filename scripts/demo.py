@@ -51,7 +51,7 @@ def main() -> int:
 
 
 def summarize(config, window, result, tracking_uri: str) -> int:  # noqa: ANN001
-    from mlops_lifecycle.adapters.local_git import LocalGitRepository
+    from mlops_lifecycle.deployment_repository.local_git import LocalGitRepository
     from mlops_lifecycle.gate import evaluate_gate
     from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
 

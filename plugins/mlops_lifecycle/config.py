@@ -9,6 +9,7 @@ what was found.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from types import UnionType
@@ -379,7 +380,7 @@ def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], Any]
     return shown, current
 
 
-def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _format_error(error: Mapping[str, Any], model: type[BaseModel]) -> str:
     shown, _ = _walk(model, error["loc"])
     loc = ".".join(shown)
     if error["type"] == "extra_forbidden":

@@ -1,43 +1,52 @@
 """Build each model line's DAGs from its validated config. Parse-time only: no network, no heavy imports.
 
-The lifecycle DAG (local review and deploy)::
+The lifecycle DAG::
 
-    extract >> train >> gate >> stage >> open_review >> approve_review >> merge_review
-            >> deploy >> verify_serving >> promote
-    (approve_review, merge_review, deploy, verify_serving) --one_failed--> restore_staging
+    extract >> train >> gate >> stage >> <review and deploy> >> verify_serving >> promote
+    (every step after stage that may fail) --one_failed--> restore_staging
 
-with GitLab (review.backend gitlab, deploy.backend gitlab_ci) the middle becomes::
+Which operator runs a stage is looked up in one table per stage, keyed by the YAML value that names
+the backend (``extract.warehouse``, ``train.backend``). Review and deploy go together (GitLab CI deploys
+what a GitLab merge request merged; the local service what the local review merged) and their task
+graphs differ, so each pair has a small builder:
 
-    open_review (MR) >> await_merge >> await_pipeline >> await_deployments >> verify_serving
+    local_git + local_process:  open_review >> approve_review >> merge_review >> deploy
+    gitlab + gitlab_ci:         open_review (MR) >> await_merge >> await_pipeline >> await_deployments
+
+Adding a backend is one operator module filling its stage's contract (``mlops_lifecycle.contract``), its
+config class in ``config.py``, and one row here.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from airflow.sdk import DAG, CronDataIntervalTimetable, TriggerRule
+from airflow.sdk import DAG, BaseOperator, CronDataIntervalTimetable, TriggerRule
 
 from mlops_lifecycle import paths
 from mlops_lifecycle.config import ModelLineConfig, load_model_lines
 from mlops_lifecycle.exceptions import ModelLineConfigError
-from mlops_lifecycle.operators.data import ExtractOperator, TrainOperator
-from mlops_lifecycle.operators.deploy import LocalDeployOperator, VerifyServingOperator
-from mlops_lifecycle.operators.gitlab import (
-    AwaitDeploymentsOperator,
-    AwaitMergeOperator,
-    AwaitPipelineOperator,
-    OpenMergeRequestOperator,
+from mlops_lifecycle.operators.deploy_gitlab_ci import AwaitDeploymentsOperator, AwaitPipelineOperator
+from mlops_lifecycle.operators.deploy_local_process import LocalDeployOperator
+from mlops_lifecycle.operators.extract import ExtractOperator
+from mlops_lifecycle.operators.extract_bigquery import BigQueryExtractOperator
+from mlops_lifecycle.operators.extract_duckdb import DuckDBExtractOperator
+from mlops_lifecycle.operators.registry import GateOperator, PromoteOperator, RestoreStagingOperator, StageOperator
+from mlops_lifecycle.operators.review_gitlab import AwaitMergeOperator, OpenMergeRequestOperator
+from mlops_lifecycle.operators.review_local_git import (
+    MergeReviewOperator,
+    OpenLocalReviewOperator,
+    ReviewApprovalOperator,
 )
-from mlops_lifecycle.operators.registry import (
-    GateOperator,
-    PromoteOperator,
-    RestoreStagingOperator,
-    StageOperator,
-)
-from mlops_lifecycle.operators.review import MergeReviewOperator, OpenReviewOperator, ReviewApprovalOperator
+from mlops_lifecycle.operators.train import TrainOperator
+from mlops_lifecycle.operators.train_databricks import DatabricksTrainOperator
+from mlops_lifecycle.operators.train_local_process import LocalProcessTrainOperator
+from mlops_lifecycle.operators.verify import VerifyServingOperator
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -91,6 +100,54 @@ def _doc(config: ModelLineConfig) -> str:
     )
 
 
+#: extract.warehouse -> its operator
+EXTRACT: dict[str, type[ExtractOperator]] = {
+    "duckdb": DuckDBExtractOperator,
+    "bigquery": BigQueryExtractOperator,
+}
+#: train.backend -> its operator
+TRAIN: dict[str, type[TrainOperator]] = {
+    "local_process": LocalProcessTrainOperator,
+    "databricks": DatabricksTrainOperator,
+}
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The review-and-deploy part of the graph, as promote and restore_staging need it."""
+
+    review: BaseOperator  # its output: contract.Review
+    approval: BaseOperator  # contract.Approval
+    merge: BaseOperator  # contract.Merge
+    deploy: BaseOperator  # contract.Deployment
+    may_fail: list[BaseOperator]  # steps whose failure withdraws the staging alias
+
+
+def _local_review_and_deploy(common: dict[str, Any], train: BaseOperator, gate: BaseOperator) -> Delivery:
+    review = OpenLocalReviewOperator(task_id="open_review", candidate=train.output, verdict=gate.output, **common)
+    approval = ReviewApprovalOperator(task_id="approve_review", review=review.output, candidate=train.output, **common)
+    merge = MergeReviewOperator(task_id="merge_review", review=review.output, approval=approval.output, **common)
+    deploy = LocalDeployOperator(task_id="deploy", candidate=train.output, merge=merge.output, **common)
+    return Delivery(review, approval, merge, deploy, may_fail=[approval, merge, deploy])
+
+
+def _gitlab_review_and_deploy(common: dict[str, Any], train: BaseOperator, gate: BaseOperator) -> Delivery:
+    review = OpenMergeRequestOperator(task_id="open_review", candidate=train.output, verdict=gate.output, **common)
+    merged = AwaitMergeOperator(task_id="await_merge", review=review.output, candidate=train.output, **common)
+    pipeline = AwaitPipelineOperator(task_id="await_pipeline", merge=merged.output, **common)
+    deploy = AwaitDeploymentsOperator(
+        task_id="await_deployments", merge=merged.output, pipeline=pipeline.output, **common
+    )
+    return Delivery(review, approval=merged, merge=merged, deploy=deploy, may_fail=[merged, pipeline, deploy])
+
+
+#: (review.backend, deploy.backend) -> the builder of that pair's review-and-deploy tasks
+DELIVERY: dict[tuple[str, str], Callable[[dict[str, Any], BaseOperator, BaseOperator], Delivery]] = {
+    ("local_git", "local_process"): _local_review_and_deploy,
+    ("gitlab", "gitlab_ci"): _gitlab_review_and_deploy,
+}
+
+
 def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
     """retrain-and-promote: data window -> trained, gated, reviewed, deployed, verified, promoted model."""
     tz = config.schedule.timezone
@@ -111,19 +168,9 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         tags=sorted({"mlops", "lifecycle", f"line:{config.model_line}", f"team:{config.owner.team}", *config.tags}),
         doc_md=_doc(config),
     ) as dag:
-        common = {"config": config}
-        if config.extract.warehouse == "bigquery":
-            from mlops_lifecycle.operators.bigquery import BigQuerySnapshotOperator
-
-            extract = BigQuerySnapshotOperator(task_id="extract", **common)
-        else:
-            extract = ExtractOperator(task_id="extract", **common)
-        train_class = TrainOperator
-        if config.train.backend == "databricks":
-            from mlops_lifecycle.operators.databricks import DatabricksTrainOperator
-
-            train_class = DatabricksTrainOperator
-        train = train_class(
+        common: dict[str, Any] = {"config": config}
+        extract = EXTRACT[config.extract.warehouse](task_id="extract", **common)
+        train = TRAIN[config.train.backend](
             task_id="train",
             snapshot=extract.output,
             execution_timeout=timedelta(minutes=config.train.timeout_minutes),
@@ -131,47 +178,27 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         )
         gate = GateOperator(task_id="gate", candidate=train.output, **common)
         stage = StageOperator(task_id="stage", candidate=train.output, verdict=gate.output, **common)
-        if config.review.backend == "gitlab":
-            review = OpenMergeRequestOperator(
-                task_id="open_review", candidate=train.output, verdict=gate.output, **common
-            )
-            merged = AwaitMergeOperator(task_id="await_merge", review=review.output, candidate=train.output, **common)
-            approval = merge = merged
-            pipeline = AwaitPipelineOperator(task_id="await_pipeline", merge=merged.output, **common)
-            deploy = AwaitDeploymentsOperator(
-                task_id="await_deployments", merge=merged.output, pipeline=pipeline.output, **common
-            )
-            may_fail = [merged, pipeline, deploy]
-        else:
-            review = OpenReviewOperator(task_id="open_review", candidate=train.output, verdict=gate.output, **common)
-            approval = ReviewApprovalOperator(
-                task_id="approve_review", review=review.output, candidate=train.output, **common
-            )
-            merge = MergeReviewOperator(
-                task_id="merge_review", review=review.output, approval=approval.output, **common
-            )
-            deploy = LocalDeployOperator(task_id="deploy", candidate=train.output, merge=merge.output, **common)
-            may_fail = [approval, merge, deploy]
+        delivery = DELIVERY[(config.review.backend, config.deploy.backend)](common, train, gate)
         verify = VerifyServingOperator(
-            task_id="verify_serving", candidate=train.output, deployment=deploy.output, **common
+            task_id="verify_serving", candidate=train.output, deployment=delivery.deploy.output, **common
         )
         PromoteOperator(
             task_id="promote",
             candidate=train.output,
-            review=review.output,
-            approval=approval.output,
-            merge=merge.output,
-            deployment=deploy.output,
+            review=delivery.review.output,
+            approval=delivery.approval.output,
+            merge=delivery.merge.output,
+            deployment=delivery.deploy.output,
             verification=verify.output,
             **common,
         )
-        stage >> review
+        stage >> delivery.review
         # a rejected review or a failed deployment leaves the registry as it was
         restore = RestoreStagingOperator(
             task_id="restore_staging", trigger_rule=TriggerRule.ONE_FAILED, retries=0, **common
         )
         # promote stays a leaf, so the run still ends failed when restore_staging succeeds
-        [*may_fail, verify] >> restore
+        [*delivery.may_fail, verify] >> restore
     return dag
 
 

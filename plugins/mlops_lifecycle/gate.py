@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any, TypeGuard
 
 from mlops_lifecycle.config import MetricRule
 
@@ -45,7 +46,7 @@ class GateVerdict:
             return f"PASSED: {met} rule(s) met{extra}"
         return "REJECTED: " + "; ".join(r.reason for r in self.failures)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
             "production_version": self.production_version,
@@ -53,7 +54,7 @@ class GateVerdict:
         }
 
 
-def _usable(value: float | None) -> bool:
+def _usable(value: float | None) -> TypeGuard[float]:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -79,17 +80,17 @@ def evaluate_gate(
         value = metrics.get(name)
         minimize = rule.direction == "minimize"
         if rule.threshold is not None:
-            limit = rule.threshold
+            threshold = rule.threshold
             if not _usable(value):
                 ok, reason = False, f"{name} is {_describe(value)} (fail closed)"
             else:
-                ok = value <= limit if minimize else value >= limit
+                ok = value <= threshold if minimize else value >= threshold
                 op = "<=" if minimize else ">="
-                reason = f"{name} {_describe(value)} {'meets' if ok else 'violates'} {op} {limit:.6g}"
-            results.append(RuleResult(name, "threshold", value, limit, ok, reason))
+                reason = f"{name} {_describe(value)} {'meets' if ok else 'violates'} {op} {threshold:.6g}"
+            results.append(RuleResult(name, "threshold", value, threshold, ok, reason))
         if rule.max_regression is not None:
             base = baseline.get(name)
-            limit = None
+            limit: float | None = None
             applicable = production_version is not None
             if not applicable:
                 ok, reason = True, f"{name}: no production model yet, regression check not applicable"
@@ -100,13 +101,14 @@ def evaluate_gate(
                 reason = f"production v{production_version} {name} is {_describe(base)} (fail closed)"
             else:
                 tolerance = abs(base) * rule.max_regression
-                limit = base + tolerance if minimize else base - tolerance
-                ok = value <= limit if minimize else value >= limit
+                bound = base + tolerance if minimize else base - tolerance
+                ok = value <= bound if minimize else value >= bound
                 reason = (
                     f"{name} {_describe(value)} vs production v{production_version} {_describe(base)}: "
                     f"{'within' if ok else 'exceeds'} {rule.max_regression:.1%} regression limit "
-                    f"({'<=' if minimize else '>='} {limit:.6g})"
+                    f"({'<=' if minimize else '>='} {bound:.6g})"
                 )
+                limit = bound
             results.append(RuleResult(name, "regression", value, limit, ok, reason, base, applicable))
     return GateVerdict(
         passed=all(r.passed for r in results), results=tuple(results), production_version=production_version

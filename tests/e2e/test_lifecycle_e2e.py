@@ -79,7 +79,7 @@ class Line:
 
     @property
     def repo(self):  # noqa: ANN201
-        from mlops_lifecycle.adapters.local_git import LocalGitRepository
+        from mlops_lifecycle.deployment_repository.local_git import LocalGitRepository
 
         return LocalGitRepository(paths.local_home() / "deploy-repo")
 

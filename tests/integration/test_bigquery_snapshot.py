@@ -33,10 +33,10 @@ import pytest
 import yaml
 from airflow.sdk.exceptions import TaskDeferred
 
-from mlops_lifecycle.adapters.warehouse import render_sql
 from mlops_lifecycle.config import ModelLineConfig, load_model_line
 from mlops_lifecycle.exceptions import SnapshotError
-from mlops_lifecycle.operators.bigquery import BigQuerySnapshotOperator, job_id_for, label, snapshot_table
+from mlops_lifecycle.operators.extract_bigquery import BigQueryExtractOperator, job_id_for, label, snapshot_table
+from mlops_lifecycle.sql import render_sql
 from standins.base import Fault
 from standins.bigquery import BigQueryStandIn
 from trigger_events import deferral as defers
@@ -114,9 +114,9 @@ def context(
     }
 
 
-def operator(config: ModelLineConfig) -> BigQuerySnapshotOperator:
+def operator(config: ModelLineConfig) -> BigQueryExtractOperator:
     """A new instance per try, as Airflow makes it."""
-    return BigQuerySnapshotOperator(task_id="extract", config=config)
+    return BigQueryExtractOperator(task_id="extract", config=config)
 
 
 def deferral(config: ModelLineConfig, ctx: dict[str, Any]) -> TaskDeferred:
@@ -423,10 +423,10 @@ import json
 from pathlib import Path
 from mlops_lifecycle.config import load_model_line
 from mlops_lifecycle.dag_factory import build_lifecycle_dag
-from mlops_lifecycle.operators.bigquery import BigQuerySnapshotOperator
+from mlops_lifecycle.operators.extract_bigquery import BigQueryExtractOperator
 
 config = load_model_line(Path(sys.argv[1]))
-BigQuerySnapshotOperator(task_id="standalone_extract", config=config)
+BigQueryExtractOperator(task_id="standalone_extract", config=config)
 dag = build_lifecycle_dag(config)
 print(json.dumps({
     "extract": type(dag.get_task("extract")).__name__,
@@ -452,8 +452,8 @@ def test_building_the_dag_imports_neither_google_cloud_nor_the_google_provider(c
     assert done.returncode == 0, done.stderr[-3000:]
     parsed = json.loads(done.stdout.strip().splitlines()[-1])
 
-    assert parsed["extract"] == "BigQuerySnapshotOperator", "the DAG was built with the BigQuery extract"
-    assert "mlops_lifecycle.operators.bigquery" in parsed["imported"]
+    assert parsed["extract"] == "BigQueryExtractOperator", "the DAG was built with the BigQuery extract"
+    assert "mlops_lifecycle.operators.extract_bigquery" in parsed["imported"]
     google = [m for m in parsed["imported"] if m == "google.cloud" or m.startswith(("google.cloud.", "google.api"))]
     assert google == [], f"google-cloud libraries imported while parsing: {google[:20]}"
     assert parsed["google.cloud"] in (None, "absent"), "google.cloud is at most the empty namespace package"

@@ -40,8 +40,8 @@ from mlops_lifecycle.config import ModelLineConfig, load_model_line
 from mlops_lifecycle.exceptions import LifecycleError, TrainingFailed
 from mlops_lifecycle.links import DatabricksRunLink, MlflowModelVersionLink, MlflowRunLink
 from mlops_lifecycle.operators.base import full_code_revision
-from mlops_lifecycle.operators.data import TrainOperator
-from mlops_lifecycle.operators.databricks import JOB_DEFINED_REVISION, DatabricksTrainOperator, idempotency_token
+from mlops_lifecycle.operators.train_databricks import JOB_DEFINED_REVISION, DatabricksTrainOperator, idempotency_token
+from mlops_lifecycle.operators.train_local_process import LocalProcessTrainOperator
 from standins.base import Fault
 from standins.databricks import DatabricksStandIn
 from trigger_events import deferral as defers
@@ -338,7 +338,7 @@ def test_submit_payload_pins_the_commit_and_passes_the_local_arguments(setup, mo
             pass
 
     monkeypatch.setattr("mlops_lifecycle.adapters.local_process.LocalProcess", Recorder)
-    TrainOperator(task_id="train", config=config, snapshot=SNAPSHOT)._train(context(), window)
+    LocalProcessTrainOperator(task_id="train", config=config, snapshot=SNAPSHOT)._train(context(), window)
     [local_argv] = captured
     local_args = local_argv[2:]  # [python, entrypoint, *args]
     remote_args = python["parameters"]

@@ -16,9 +16,10 @@ import time
 import pytest
 
 from mlops_lifecycle.changelog import Proposal, md_code, md_text, render_merge_request, render_proposal
+from mlops_lifecycle.deployment_repository.gitlab import GitLabDeploymentRepository
 from mlops_lifecycle.exceptions import LifecycleError
 from mlops_lifecycle.gate import GateVerdict, RuleResult
-from mlops_lifecycle.hooks.gitlab import GitLabDeploymentRepository, GitLabHook
+from mlops_lifecycle.hooks.gitlab import GitLabHook
 from standins.base import Fault
 from standins.gitlab import CIPlan, GitLabStandIn
 

@@ -27,12 +27,8 @@ from mlops_lifecycle.config import ModelLineConfig, load_model_line
 from mlops_lifecycle.exceptions import DeliveryFailed, ReviewRejected, ReviewTimedOut
 from mlops_lifecycle.gate import evaluate_gate
 from mlops_lifecycle.links import GitLabMergeRequestLink, GitLabPipelineLink, MlflowRunLink
-from mlops_lifecycle.operators.gitlab import (
-    AwaitDeploymentsOperator,
-    AwaitMergeOperator,
-    AwaitPipelineOperator,
-    OpenMergeRequestOperator,
-)
+from mlops_lifecycle.operators.deploy_gitlab_ci import AwaitDeploymentsOperator, AwaitPipelineOperator
+from mlops_lifecycle.operators.review_gitlab import AwaitMergeOperator, OpenMergeRequestOperator
 from mlops_lifecycle.triggers.gitlab import (
     DeploymentsSucceededTrigger,
     MergeRequestMergedTrigger,

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from mlops_lifecycle.triggers.service_version import ServiceVersionTrigger, identity_mismatch
+from mlops_lifecycle.contract import identity_mismatch
+from mlops_lifecycle.triggers.service_version import ServiceVersionTrigger
 
 EXPECTED = {"model_name": "m", "model_version": "3", "run_id": "abc", "code_revision": "deadbeef"}
 

@@ -116,7 +116,8 @@ def test_feature_sql_gives_the_same_rows_as_the_local_warehouse(standin, client,
     from datetime import date
 
     from mlops_lifecycle.adapters.sample_data import generate_daily_demand
-    from mlops_lifecycle.adapters.warehouse import LocalWarehouse, render_sql
+    from mlops_lifecycle.adapters.warehouse import LocalWarehouse
+    from mlops_lifecycle.sql import render_sql
 
     template = (Path(__file__).resolve().parents[2] / "include" / "sql" / "demand_forecast_features.sql").read_text()
     data = generate_daily_demand(date(2024, 1, 1), date(2024, 3, 31), n_markets=3)

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mlops_lifecycle import paths
+from mlops_lifecycle.contract import identity_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class ServiceState:
                 answer = json.loads(response.read())
         except (OSError, ValueError):
             return False
-        return str(answer.get("model_version")) == self.model_version and answer.get("code_revision") == self.revision
+        expected = {"model_version": self.model_version, "code_revision": self.revision}
+        return isinstance(answer, dict) and not identity_mismatch(answer, expected)
 
 
 def _child_env() -> dict[str, str]:

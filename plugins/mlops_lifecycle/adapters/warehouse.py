@@ -1,7 +1,7 @@
 """Extract, embedded local adapter: DuckDB over generated sample data, one parquet snapshot per window.
 
-The feature SQL is written once in BigQuery dialect as a Jinja template, rendered for the window and
-transpiled to DuckDB with sqlglot. Source tables are folders of parquet files under the warehouse
+The feature SQL, rendered for the window (``mlops_lifecycle.sql``), is transpiled from BigQuery's
+dialect to DuckDB's with sqlglot. Source tables are folders of parquet files under the warehouse
 root; DuckDB runs in memory, so parallel backfill runs never contend for a database lock. The
 snapshot is written to a temporary file and renamed into place: it exists complete or not at all,
 and a retry of the same window finds it instead of querying again.
@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-
-import jinja2
+from typing import Any
 
 from mlops_lifecycle.exceptions import SnapshotError
+from mlops_lifecycle.sql import render_sql
 
 log = logging.getLogger(__name__)
 
@@ -26,24 +26,21 @@ SAMPLE_TABLE = "daily_demand"
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class ParquetSnapshot:
     uri: str  # where training reads it: a parquet path locally, a table id on BigQuery
     rows: int
     reused: bool
-
-
-def render_sql(template: str, tables: dict[str, str], window_start: date, window_end: date) -> str:
-    """Render the BigQuery-dialect template for a window (StrictUndefined: typos fail loudly)."""
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
-    return env.from_string(template).render(
-        tables=tables, window_start=window_start.isoformat(), window_end=window_end.isoformat()
-    )
 
 
 def transpile_to_duckdb(bigquery_sql: str) -> str:
     import sqlglot
 
     return sqlglot.transpile(bigquery_sql, read="bigquery", write="duckdb")[0]
+
+
+def _count_rows(con: Any, parquet: Path) -> int:
+    (rows,) = con.execute(f"SELECT count(*) FROM read_parquet('{parquet}')").fetchone()
+    return int(rows)
 
 
 class LocalWarehouse:
@@ -77,16 +74,16 @@ class LocalWarehouse:
 
     def snapshot(
         self, sql_template: str, tables: dict[str, str], window_start: date, window_end: date, name: str
-    ) -> Snapshot:
+    ) -> ParquetSnapshot:
         """Materialise the feature query for the window as ``snapshots/<name>.parquet`` (once)."""
         import duckdb
 
         target = self.root / "snapshots" / f"{name}.parquet"
         if target.exists():
             with duckdb.connect(":memory:") as con:
-                rows = con.execute(f"SELECT count(*) FROM read_parquet('{target}')").fetchone()[0]
+                rows = _count_rows(con, target)
             log.info("Snapshot %s already exists (%d rows): reusing it, no query run", target, rows)
-            return Snapshot(uri=str(target), rows=rows, reused=True)
+            return ParquetSnapshot(uri=str(target), rows=rows, reused=True)
 
         sql = transpile_to_duckdb(render_sql(sql_template, tables, window_start, window_end))
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -100,10 +97,10 @@ class LocalWarehouse:
                 con.execute(f"CREATE VIEW {physical} AS SELECT * FROM read_parquet('{source}/*.parquet')")
             log.info("Running feature query (DuckDB, transpiled from BigQuery):\n%s", sql)
             con.execute(f"COPY ({sql}) TO '{tmp}' (FORMAT parquet)")
-            rows = con.execute(f"SELECT count(*) FROM read_parquet('{tmp}')").fetchone()[0]
+            rows = _count_rows(con, tmp)
         if rows == 0:
             tmp.unlink(missing_ok=True)
             raise SnapshotError(f"Feature query for {name} returned no rows for window {window_start}..{window_end}")
         os.replace(tmp, target)
         log.info("Snapshot %s: %d rows in %.1f s", target, rows, time.monotonic() - started)
-        return Snapshot(uri=str(target), rows=rows, reused=False)
+        return ParquetSnapshot(uri=str(target), rows=rows, reused=False)

@@ -242,7 +242,7 @@ class GitLabHook(BaseHook):
         """(MR, created now). One MR per source branch: a retry finds the first try's MR."""
         import gitlab
 
-        with _naming(project, f"opening the merge request {source} -> {target}"):
+        with naming(project, f"opening the merge request {source} -> {target}"):
             existing = self.find_merge_request(project, source, target)
             if existing is not None and existing.state != "closed":
                 return existing, False
@@ -299,7 +299,7 @@ class GitLabHook(BaseHook):
     # delivery --------------------------------------------------------------------------------
     def pipelines_for(self, project: str, sha: str, ref: str | None = None) -> list[PipelineState]:
         """Pipelines of commit ``sha`` (on branch ``ref``, if given), newest first."""
-        filters = {"sha": sha} if ref is None else {"sha": sha, "ref": ref}
+        filters: dict[str, Any] = {"sha": sha} if ref is None else {"sha": sha, "ref": ref}
         found = self.project(project).pipelines.list(**filters, order_by="id", sort="desc", get_all=True)
         return [PipelineState(p.id, p.status, p.web_url, p.sha, p.ref) for p in found]
 
@@ -331,7 +331,7 @@ class GitLabHook(BaseHook):
 
 
 @contextmanager
-def _naming(project: str, operation: str) -> Iterator[None]:
+def naming(project: str, operation: str) -> Iterator[None]:
     """Re-raise GitLab errors as a (retryable) LifecycleError naming the project and the operation."""
     import gitlab
     import requests
@@ -350,46 +350,3 @@ def _bounded(http_request: Any, max_retries: int) -> Any:
         return http_request(*args, **kwargs)
 
     return request
-
-
-class GitLabDeploymentRepository:
-    """The deployment repository on GitLab, with the same interface as the local git adapter.
-
-    ``open_review`` commits the proposal on a review branch; ``append_on_main`` writes the
-    production changelog on the target branch. Appends skip an entry whose heading is already there.
-    """
-
-    def __init__(self, hook: GitLabHook, project: str, target_branch: str) -> None:
-        self.hook = hook
-        self.project = project
-        self.main = target_branch
-
-    @property
-    def path(self) -> str:
-        return self.hook.web_url(self.project)
-
-    def read(self, ref: str, path: str) -> str | None:
-        return self.hook.read_file(self.project, path, ref)
-
-    def _appended(self, current: str | None, entry: str) -> str:
-        current = current or ""
-        heading = entry.splitlines()[0]
-        if heading in current.splitlines():
-            return current
-        return current + ("" if not current or current.endswith("\n") else "\n") + entry
-
-    def open_review(self, branch: str, replace: Mapping[str, str], append: Mapping[str, str], message: str) -> str:
-        with _naming(self.project, f"committing the review on branch {branch}"):
-            self.hook.ensure_branch(self.project, branch, self.main)
-            files = dict(replace)
-            for path, entry in append.items():
-                files[path] = self._appended(self.read(branch, path), entry)
-            sha, _ = self.hook.commit_files(self.project, branch, files, message)
-        return sha
-
-    def append_on_main(self, path: str, entry: str, message: str) -> str:
-        """Commit on the target branch with ``[skip ci]``: a changelog line must not redeploy anything."""
-        with _naming(self.project, f"appending to {path} on {self.main}"):
-            content = self._appended(self.read(self.main, path), entry)
-            sha, _ = self.hook.commit_files(self.project, self.main, {path: content}, f"{message} [skip ci]")
-        return sha

@@ -1,26 +1,39 @@
 """What every lifecycle operator shares: its model-line config, the run's window, hooks and adapters.
 
 ``__init__`` only stores arguments; hooks and adapters are cached properties built in the worker.
+Values from upstream tasks arrive as XComArgs at parse time and are rendered into the stage
+contract's types (``mlops_lifecycle.contract``) before ``execute``; operators annotate them with
+those types, so ``make lint`` (mypy) checks every field they read.
+
+Operator modules are named after the stage and the YAML backend value they implement
+(``train_databricks.py`` for ``train.backend: databricks``); stage-neutral steps live in
+``registry.py`` (gate, stage, promote, restore) and ``verify.py``; what both backends of a stage
+share lives in ``extract.py``, ``train.py`` and ``review.py``.
 """
 
 from __future__ import annotations
 
 import subprocess
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import BaseOperator
 
 from mlops_lifecycle import paths
 from mlops_lifecycle.config import ModelLineConfig
+from mlops_lifecycle.exceptions import LifecycleError
 from mlops_lifecycle.window import DataWindow, resolve_window
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from mlops_lifecycle.adapters.local_git import LocalGitRepository
-    from mlops_lifecycle.hooks.gitlab import GitLabDeploymentRepository, GitLabHook
+    from mlops_lifecycle.contract import DeploymentRepository
     from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
+
+#: an upstream task's output: an XComArg when the DAG is built, the contract's value in ``execute``
+Upstream = Any
+
+SectionT = TypeVar("SectionT")
 
 
 class LifecycleOperator(BaseOperator):
@@ -57,28 +70,35 @@ class LifecycleOperator(BaseOperator):
         return MlflowRegistryHook(self.mlflow_conn_id)
 
     @cached_property
-    def deployment_repo(self) -> LocalGitRepository | GitLabDeploymentRepository:
-        """The deployment repository: a GitLab project, or the embedded local git repository."""
-        review = self.config.review
-        if review.backend == "gitlab":
-            from mlops_lifecycle.hooks.gitlab import GitLabDeploymentRepository
+    def deployment_repo(self) -> DeploymentRepository:
+        """The line's deployment repository, through the adapter of its review backend."""
+        from mlops_lifecycle.deployment_repository import open_repository
 
-            return GitLabDeploymentRepository(self.gitlab, review.project, review.target_branch)
-        from mlops_lifecycle.adapters.local_git import LocalGitRepository
+        return open_repository(self.config)
 
-        return LocalGitRepository(paths.local_home() / review.repository)
-
-    @cached_property
-    def gitlab(self) -> GitLabHook:
-        from mlops_lifecycle.hooks.gitlab import GitLabHook
-
-        review = self.config.review
-        if review.backend != "gitlab":
-            raise TypeError(f"{self.config.model_line}: review.backend is {review.backend}, not gitlab")
-        return GitLabHook(review.gitlab_conn_id)
+    def section(self, value: object, kind: type[SectionT]) -> SectionT:
+        """A config section narrowed to the backend this operator implements (the DAG factory guarantees it)."""
+        if not isinstance(value, kind):
+            raise LifecycleError(
+                f"{type(self).__name__} implements {kind.__name__}, but model line {self.config.model_line} "
+                f"configures {type(value).__name__}: the DAG factory picked the wrong operator"
+            )
+        return value
 
     def model_version_url(self, version: str) -> str | None:
         return self.registry.model_version_url(self.config.registry.model_name, version)
+
+
+def event_or_fail(event: dict[str, Any] | None, rejected: type[Exception]) -> dict[str, Any]:
+    """Validate a trigger event: success passes; rejected is a decision; timeout/error may be retried."""
+    if not event or "status" not in event:
+        raise LifecycleError(f"Malformed trigger event: {event!r}")
+    if event["status"] == "success":
+        return event
+    if event["status"] in ("rejected", "timeout"):
+        # a decision (or a deadline from the YAML): retrying the wait cannot change it
+        raise rejected(event["message"] + ". Registry unchanged.")
+    raise LifecycleError(event.get("message", str(event)) + ". Registry unchanged.")
 
 
 def full_code_revision() -> str:
@@ -89,8 +109,6 @@ def full_code_revision() -> str:
     """
     revision = code_revision(short=False)
     if revision.endswith("-dirty") or revision.startswith("unknown"):
-        from mlops_lifecycle.exceptions import LifecycleError
-
         raise LifecycleError(
             f"Training code revision is {revision}: a remote run checks out a commit, so commit (and push) "
             f"{paths.include_dir()} first, or set MLOPS_CODE_REVISION"

@@ -1,8 +1,8 @@
-"""Gate the candidate, stage it, and finally promote it: the MLflow side of the lifecycle.
+"""gate, stage, promote, restore_staging: the MLflow side of the lifecycle, the same for every backend.
 
 The gate reads metrics only and writes its verdict to the *run* (tracking), never to the registry,
 so a rejected model leaves the registry exactly as it was. Staging and promotion move aliases with
-compare-and-set and write the append-only audit tags described in DESIGN.md §3.
+compare-and-set and write the append-only audit tags (``docs/architecture.md``, "The audit record").
 """
 
 from __future__ import annotations
@@ -11,13 +11,27 @@ import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from mlops_lifecycle.deployment_repository import changelog_path
 from mlops_lifecycle.exceptions import GateRejected
 from mlops_lifecycle.gate import evaluate_gate
 from mlops_lifecycle.links import MlflowModelVersionLink, MlflowRunLink
-from mlops_lifecycle.operators.base import LifecycleOperator
+from mlops_lifecycle.operators.base import LifecycleOperator, Upstream
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+    from mlops_lifecycle.contract import (
+        Approval,
+        Candidate,
+        Deployment,
+        GateOutcome,
+        Merge,
+        Promotion,
+        Review,
+        Staging,
+        StagingRestored,
+        Verification,
+    )
 
 BASELINE_PREFIX = "production."
 
@@ -33,11 +47,11 @@ class GateOperator(LifecycleOperator):
     operator_extra_links = (MlflowRunLink(),)
     ui_color = "#fde2e2"
 
-    def __init__(self, *, candidate: Any, **kwargs: Any) -> None:
+    def __init__(self, *, candidate: Upstream, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.candidate = candidate
+        self.candidate: Candidate = candidate
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> GateOutcome:
         c = self.candidate
         run = self.registry.get_run(c["run_id"])
         self.set_link(MlflowRunLink.key, self.registry.run_url(c["experiment_id"], c["run_id"]))
@@ -57,7 +71,7 @@ class GateOperator(LifecycleOperator):
                 f"{verdict.summary()}. Registry unchanged; not retried."
             )
         self.log.info("Gate %s", verdict.summary())
-        return {**verdict.as_dict(), "metrics": metrics}
+        return {**verdict.as_dict(), "metrics": metrics}  # type: ignore[typeddict-item]
 
 
 class StageOperator(LifecycleOperator):
@@ -66,12 +80,12 @@ class StageOperator(LifecycleOperator):
     template_fields = ("candidate", "verdict")
     operator_extra_links = (MlflowModelVersionLink(),)
 
-    def __init__(self, *, candidate: Any, verdict: Any, **kwargs: Any) -> None:
+    def __init__(self, *, candidate: Upstream, verdict: Upstream, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.candidate = candidate
-        self.verdict = verdict
+        self.candidate: Candidate = candidate
+        self.verdict: GateOutcome = verdict
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> Staging:
         c, reg = self.candidate, self.config.registry
         if not self.verdict.get("passed"):
             raise GateRejected(f"{c['model_name']} v{c['model_version']} has no passing gate verdict")
@@ -117,9 +131,9 @@ class RestoreStagingOperator(LifecycleOperator):
 
     ui_color = "#f4f4f4"
 
-    def execute(self, context: Context) -> dict[str, Any] | None:
+    def execute(self, context: Context) -> StagingRestored | None:
         ti = context["ti"]
-        staged = ti.xcom_pull(task_ids="stage")
+        staged: Staging | None = ti.xcom_pull(task_ids="stage")
         if not staged:
             self.log.info("Staging was not moved by this run: nothing to restore")
             return None
@@ -162,23 +176,23 @@ class PromoteOperator(LifecycleOperator):
     def __init__(
         self,
         *,
-        candidate: Any,
-        review: Any,
-        approval: Any,
-        merge: Any,
-        deployment: Any,
-        verification: Any,
+        candidate: Upstream,
+        review: Upstream,
+        approval: Upstream,
+        merge: Upstream,
+        deployment: Upstream,
+        verification: Upstream,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.candidate = candidate
-        self.review = review
-        self.approval = approval
-        self.merge = merge
-        self.deployment = deployment
-        self.verification = verification
+        self.candidate: Candidate = candidate
+        self.review: Review = review
+        self.approval: Approval = approval
+        self.merge: Merge = merge
+        self.deployment: Deployment = deployment
+        self.verification: Verification = verification
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> Promotion:
         from mlops_lifecycle.changelog import render_promotion
 
         c, reg = self.candidate, self.config.registry
@@ -186,6 +200,7 @@ class PromoteOperator(LifecycleOperator):
         ids = self.airflow_ids(context)
         promoted_by = f"airflow:{ids['airflow.dag_id']}/{ids['airflow.run_id']}"
         promoted_at = _now()
+        pipeline_id, review_url = self.deployment.get("pipeline_id"), self.review.get("web_url")
         # check before writing anything, then the record, then the move: a promotion never lacks
         # its audit trail, and a conflict leaves the registry untouched
         self.registry.expect_alias(name, reg.production_alias, expected, version)
@@ -198,12 +213,8 @@ class PromoteOperator(LifecycleOperator):
                 "audit.approved_at": self.approval["approved_at"],
                 "audit.merge_commit": self.merge["merge_commit"],
                 "audit.deployments": json.dumps(self.deployment["deployments"]),  # in deployment order
-                **(
-                    {"audit.pipeline_id": str(self.deployment["pipeline_id"])}
-                    if "pipeline_id" in self.deployment
-                    else {}
-                ),
-                **({"audit.review_url": self.review["web_url"]} if self.review.get("web_url") else {}),
+                **({"audit.pipeline_id": str(pipeline_id)} if pipeline_id is not None else {}),
+                **({"audit.review_url": review_url} if review_url else {}),
                 "audit.verified": f"{self.verification['url']} reported v{version}",
                 "audit.previous_production_version": expected or "none",
                 "audit.promoted_by": promoted_by,
@@ -231,7 +242,7 @@ class PromoteOperator(LifecycleOperator):
             promoted_at=promoted_at,
         )
         changelog_commit = self.deployment_repo.append_on_main(
-            f"changelog/{c['model_line']}.md", entry, f"{c['model_line']}: v{version} promoted to production"
+            changelog_path(c["model_line"]), entry, f"{c['model_line']}: v{version} promoted to production"
         )
         self.set_link(MlflowModelVersionLink.key, self.model_version_url(version))
         self.log.info(

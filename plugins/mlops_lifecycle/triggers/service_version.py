@@ -1,8 +1,8 @@
 """Wait, in the triggerer, until a service's ``/version`` reports exactly the expected identity.
 
-Identity is every field in ``expected`` (model line, registered name, version, MLflow run id and the
-deployment revision it was started from), so another process answering on the same address, or a
-stale deployment of the same version, never passes for ours.
+Identity is every field in ``expected`` (``contract.serving_identity``: model line, registered name,
+version, MLflow run id and the deployment revision it was started from), so another process
+answering on the same address, or a stale deployment of the same version, never passes for ours.
 
 Holds only serialisable values; the deadline is absolute so a triggerer restart does not extend it.
 Yields exactly one event: ``success`` with what was served, or ``timeout`` with the last thing seen
@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-
-def identity_mismatch(answer: Mapping[str, Any], expected: Mapping[str, str]) -> list[str]:
-    """Fields of ``answer`` that differ from ``expected``, as readable ``field X (expected Y)`` parts."""
-    return [
-        f"{field} {answer.get(field)!s} (expected {value})"
-        for field, value in expected.items()
-        if str(answer.get(field)) != str(value)
-    ]
+from mlops_lifecycle.contract import identity_mismatch
 
 
 class ServiceVersionTrigger(BaseTrigger):

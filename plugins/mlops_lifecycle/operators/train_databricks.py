@@ -1,4 +1,4 @@
-"""Train on Databricks (apache-airflow-providers-databricks): the same entrypoint, on a job cluster.
+"""train, ``train.backend: databricks`` (apache-airflow-providers-databricks): the same entrypoint, on Databricks.
 
 A one-time run (``runs/submit``) checks the package out of git at the training code revision
 (``git_source``) and runs ``include/<entrypoint>`` as a Python file task with the same arguments the
@@ -17,16 +17,17 @@ import json
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from mlops_lifecycle.config import TrainDatabricks
 from mlops_lifecycle.exceptions import LifecycleError, TrainingFailed
 from mlops_lifecycle.links import DatabricksRunLink, MlflowModelVersionLink, MlflowRunLink
 from mlops_lifecycle.operators.base import full_code_revision
-from mlops_lifecycle.operators.data import TrainOperator
+from mlops_lifecycle.operators.train import TrainOperator
 
 if TYPE_CHECKING:
     from airflow.providers.databricks.hooks.databricks import DatabricksHook
     from airflow.sdk import Context
 
-    from mlops_lifecycle.config import TrainDatabricks
+    from mlops_lifecycle.contract import Candidate
     from mlops_lifecycle.window import DataWindow
 
 
@@ -40,11 +41,13 @@ def idempotency_token(run_key: str) -> str:
 
 
 class DatabricksTrainOperator(TrainOperator):
+    """Train in a Databricks run (deferred while it runs), unless this run key already has a trained run."""
+
     operator_extra_links = (DatabricksRunLink(), MlflowRunLink(), MlflowModelVersionLink())
 
     @property
     def train_cfg(self) -> TrainDatabricks:
-        return self.config.train  # type: ignore[return-value]
+        return self.section(self.config.train, TrainDatabricks)
 
     @cached_property
     def databricks(self) -> DatabricksHook:
@@ -52,7 +55,7 @@ class DatabricksTrainOperator(TrainOperator):
 
         return DatabricksHook(self.train_cfg.databricks_conn_id, caller=type(self).__name__)
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> Candidate:
         window = self.window(context)
         run = self.trained_run(window)
         if run is not None:
@@ -70,7 +73,7 @@ class DatabricksTrainOperator(TrainOperator):
             trigger=DatabricksExecutionTrigger(
                 run_id=run_id,
                 databricks_conn_id=self.train_cfg.databricks_conn_id,
-                polling_period_seconds=self.train_cfg.poll_interval_seconds,
+                polling_period_seconds=self.train_cfg.poll_interval_seconds,  # type: ignore[arg-type]  # sleeps a float
                 run_page_url=url,
                 caller=type(self).__name__,
             ),
@@ -78,7 +81,7 @@ class DatabricksTrainOperator(TrainOperator):
             timeout=self.execution_timeout,
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Candidate:
         from airflow.providers.databricks.hooks.databricks import RunState
 
         url = event.get("run_page_url")

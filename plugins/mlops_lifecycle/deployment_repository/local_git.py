@@ -1,4 +1,4 @@
-"""Review, embedded local adapter: a local git repository standing for the deployment repository.
+"""The deployment repository as a local git repository (``review.backend: local_git``, the embedded adapter).
 
 A review is a branch with the changelog entry and the file pinning the model version; approval
 merges it into ``main`` with a merge commit. Every operation is idempotent (a retry finds the branch,
@@ -26,8 +26,14 @@ BOT_EMAIL = "lifecycle@airflow.local"
 
 
 class LocalGitRepository:
+    """Fills :class:`mlops_lifecycle.contract.MergingRepository`: the lifecycle merges approved reviews itself."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     # plumbing -----------------------------------------------------------------------------------
     def git(self, *args: str, check: bool = True) -> str:

@@ -1,4 +1,4 @@
-"""Extract on BigQuery (apache-airflow-providers-google): one snapshot table per data window.
+"""extract, ``extract.warehouse: bigquery`` (apache-airflow-providers-google): one snapshot table per window.
 
 The line's SQL, rendered for the window, runs as a query job that writes
 ``<project>.<dataset>.<line>__<interval start>_<interval end>`` (WRITE_TRUNCATE). Training receives
@@ -18,14 +18,15 @@ import re
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from mlops_lifecycle.config import ExtractBigQuery
 from mlops_lifecycle.exceptions import SnapshotError
-from mlops_lifecycle.operators.base import LifecycleOperator
+from mlops_lifecycle.operators.extract import ExtractOperator
 
 if TYPE_CHECKING:
     from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
     from airflow.sdk import Context
 
-    from mlops_lifecycle.config import ExtractBigQuery
+    from mlops_lifecycle.contract import Snapshot
     from mlops_lifecycle.window import DataWindow
 
 MAX_ATTEMPTS = 20
@@ -43,12 +44,12 @@ def snapshot_table(cfg: ExtractBigQuery, window: DataWindow) -> str:
     )
 
 
-class BigQuerySnapshotOperator(LifecycleOperator):
-    ui_color = "#fff3d6"
+class BigQueryExtractOperator(ExtractOperator):
+    """Run the window's query job into its snapshot table (deferred while the job runs)."""
 
     @property
     def extract_cfg(self) -> ExtractBigQuery:
-        return self.config.extract  # type: ignore[return-value]
+        return self.section(self.config.extract, ExtractBigQuery)
 
     @cached_property
     def bigquery(self) -> BigQueryHook:
@@ -56,10 +57,11 @@ class BigQuerySnapshotOperator(LifecycleOperator):
 
         return BigQueryHook(gcp_conn_id=self.extract_cfg.gcp_conn_id, location=self.extract_cfg.location)
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        from mlops_lifecycle.adapters.warehouse import render_sql
+    def execute(self, context: Context) -> Snapshot:
+        from mlops_lifecycle.sql import render_sql
 
         cfg, window = self.extract_cfg, self.window(context)
+        self.log_window(window)
         table = snapshot_table(cfg, window)
         project, dataset, table_id = table.split(".")
         sql = render_sql(self.config.sql_path.read_text(), dict(cfg.tables), window.train_start, window.window_end)
@@ -104,16 +106,16 @@ class BigQuerySnapshotOperator(LifecycleOperator):
 
     def execute_complete(
         self, context: Context, event: dict[str, Any], reused: bool = False, job_id: str | None = None
-    ) -> dict[str, Any]:
+    ) -> Snapshot:
         job_id = event.get("job_id") or job_id
-        if event.get("status") != "success":
-            cfg = self.extract_cfg
+        cfg = self.extract_cfg
+        if event.get("status") != "success" or not job_id:
             raise SnapshotError(
                 f"BigQuery job {cfg.project}:{cfg.location}.{job_id} failed: {event.get('message', event)}"
             )
         return self._result(context, job_id, reused)
 
-    def _result(self, context: Context, job_id: str, reused: bool) -> dict[str, Any]:
+    def _result(self, context: Context, job_id: str, reused: bool) -> Snapshot:
         window = self.window(context)
         table = snapshot_table(self.extract_cfg, window)
         client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
@@ -125,14 +127,7 @@ class BigQuerySnapshotOperator(LifecycleOperator):
                 f"Snapshot {table} (job {job_id}) is empty: the SQL returned no rows for {window.label}"
             )
         self.log.info("Snapshot %s: %s rows (job %s%s)", table, rows, job_id, ", reused" if reused else "")
-        return {
-            "uri": f"bq://{table}",
-            "table": table,
-            "rows": int(rows),
-            "job_id": job_id,
-            "reused": reused,
-            **window.as_dict(),
-        }
+        return self.snapshot(window, f"bq://{table}", rows, reused, table=table, job_id=job_id)
 
     def _find_or_submit(self, base_id: str, configuration: dict[str, Any], table: str) -> tuple[Any, bool]:
         """(job, reused): the window's running or succeeded job, or a newly inserted one."""
