@@ -54,6 +54,10 @@ class TrainingInputError(LifecycleDecision):
     """
 
 
+class MergeConflict(LifecycleDecision):
+    """A review branch conflicts with main: the merge is aborted and the repository left as it was."""
+
+
 class DeliveryFailed(LifecycleDecision):
     """The deployment repository's pipeline or a deployment failed: a new merge is needed, not a retry."""
 

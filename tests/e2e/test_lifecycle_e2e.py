@@ -163,6 +163,9 @@ def test_first_lifecycle_promotes_and_records_everything(line):
     assert tags["audit.gate_verdict"] == "passed"
     assert json.loads(tags["audit.metrics"])["mape"] == pytest.approx(run.data.metrics["mape"])
     assert tags["audit.approved_by"] == "auto_approve (model-line config)"
+    # the approval is recorded once, as data, on the candidate's run: a re-run reuses it as it is
+    approval = json.loads(run.data.tags["review.approval"])
+    assert approval["approved_by"] == ["auto_approve (model-line config)"] and approval["approved_at"]
     assert tags["audit.review_id"] == f"review/{LINE}/v1"
     assert tags["audit.previous_production_version"] == "none"
     assert tags["audit.promoted_by"] == f"airflow:{DAG_ID}/{result.run_id}"

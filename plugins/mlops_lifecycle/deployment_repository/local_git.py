@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlops_lifecycle.exceptions import LifecycleError
+from mlops_lifecycle.exceptions import LifecycleError, MergeConflict
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ class LocalGitRepository:
         return str(self.path)
 
     # plumbing -----------------------------------------------------------------------------------
-    def git(self, *args: str, check: bool = True) -> str:
-        env = {
+    @staticmethod
+    def _env() -> dict[str, str]:
+        return {
             **os.environ,
             "GIT_AUTHOR_NAME": BOT_NAME,
             "GIT_AUTHOR_EMAIL": BOT_EMAIL,
@@ -45,7 +46,9 @@ class LocalGitRepository:
             "GIT_COMMITTER_EMAIL": BOT_EMAIL,
             "GIT_TERMINAL_PROMPT": "0",
         }
-        result = subprocess.run(["git", "-C", str(self.path), *args], env=env, capture_output=True, text=True)
+
+    def git(self, *args: str, check: bool = True) -> str:
+        result = subprocess.run(["git", "-C", str(self.path), *args], env=self._env(), capture_output=True, text=True)
         if check and result.returncode != 0:
             raise LifecycleError(
                 f"git {' '.join(args)} failed in {self.path}: {result.stderr.strip() or result.stdout.strip()}"
@@ -65,6 +68,7 @@ class LocalGitRepository:
 
     def _ensure(self) -> None:
         if (self.path / ".git").is_dir():
+            self._recover()
             return
         self.path.mkdir(parents=True, exist_ok=True)
         self.git("init", "-q", "-b", MAIN)
@@ -75,6 +79,21 @@ class LocalGitRepository:
         self.git("add", "README.md")
         self.git("commit", "-q", "-m", "Initialise deployment repository")
         log.info("Initialised local deployment repository %s", self.path)
+
+    def _recover(self) -> None:
+        """Leave the repository clean on main if a writer died mid-operation (merge, checkout, commit).
+
+        Runs under the lock, so no other writer is active: anything half-done is abandoned work. Several
+        model lines share this repository, so one line's interrupted merge must not block the others.
+        """
+        if (self.path / ".git" / "MERGE_HEAD").exists():
+            log.warning("Deployment repository %s has an unfinished merge: aborting it", self.path)
+            self.git("merge", "--abort", check=False)
+        if self.git("status", "--porcelain", "--untracked-files=no"):
+            log.warning("Deployment repository %s has changes an interrupted writer left: discarding", self.path)
+            self.git("reset", "-q", "--hard")
+        if self.git("rev-parse", "--abbrev-ref", "HEAD") != MAIN:
+            self.git("checkout", "-q", MAIN)
 
     def branch_exists(self, branch: str) -> bool:
         return bool(self.git("branch", "--list", branch))
@@ -142,7 +161,22 @@ class LocalGitRepository:
                 log.info("Branch %s already merged into %s at %s", branch, MAIN, sha)
                 return sha
             self.git("checkout", "-q", MAIN)
-            self.git("merge", "-q", "--no-ff", "-m", message, branch)
+            merged = subprocess.run(
+                ["git", "-C", str(self.path), "merge", "-q", "--no-ff", "-m", message, branch],
+                env=self._env(),
+                capture_output=True,
+                text=True,
+            )
+            if merged.returncode != 0:
+                conflicts = self.git("diff", "--name-only", "--diff-filter=U", check=False).split()
+                self.git("merge", "--abort", check=False)
+                raise MergeConflict(
+                    f"Review branch {branch} cannot be merged into {MAIN} of {self.path}"
+                    + (f": it conflicts in {', '.join(conflicts)}" if conflicts else f": {merged.stderr.strip()}")
+                    + ". The merge was aborted and main is unchanged; another run of this line changed these "
+                    "files since the review was opened. Not retried: re-run the lifecycle to propose against the "
+                    "current main."
+                )
             sha = self.git("rev-parse", "HEAD")
             log.info("Merged %s into %s: %s", branch, MAIN, sha)
             return sha
