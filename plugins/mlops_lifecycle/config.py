@@ -44,7 +44,17 @@ class Schedule(_Strict):
     timezone: str = "UTC"
     start_date: date
     catchup: bool = False
-    max_active_runs: int = Field(default=1, ge=1, le=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_run_at_a_time(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_active_runs" in data:
+            raise ValueError(
+                "max_active_runs is not configurable: a line runs one lifecycle run at a time, the single writer "
+                "of its registry aliases and deployment repository (backfills, which are backtests, run in parallel "
+                "up to the backfill's own max_active_runs)"
+            )
+        return data
 
     @field_validator("cron")
     @classmethod

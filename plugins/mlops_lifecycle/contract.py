@@ -5,7 +5,7 @@ Each stage of a model line's lifecycle has a production backend and an embedded 
 here as a ``TypedDict`` (XCom stores it as plain JSON, readable in the Airflow UI; ``mypy`` checks every
 read of it). Fields a backend may leave out are ``NotRequired`` and read with ``.get``.
 
-    extract  -> Snapshot          train    -> Candidate         gate   -> GateOutcome
+    route    -> RunRoute          extract  -> Snapshot          train  -> Candidate         gate -> GateOutcome
     stage    -> Staging           open_review -> Review         approve (+ merge) -> Approval, Merge
     deploy   -> Deployment (GitLab CI: CIPipeline first)  verify -> Verification   promote -> Promotion
 
@@ -18,6 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Literal, NotRequired, Protocol, TypedDict
+
+
+class RunRoute(TypedDict):
+    """route: this run goes on to the lifecycle (a backfill or a superseded run is skipped instead)."""
+
+    route: Literal["lifecycle"]
+    run_key: str
+    run_type: str  # scheduled, manual, asset_triggered
 
 
 class Snapshot(TypedDict):

@@ -2,8 +2,11 @@
 
 The lifecycle DAG::
 
-    extract >> train >> gate >> stage >> <review and deploy> >> verify_serving >> promote
+    route >> extract >> train >> gate >> stage >> <review and deploy> >> verify_serving >> promote
     (every step after stage that may fail) --one_failed--> restore_staging
+
+``route`` skips the whole run when it must not change production (a backfill, or a window older than
+production's); later steps check again before they deploy or promote.
 
 Which operator runs a stage is looked up in one table per stage, keyed by the YAML value that names
 the backend (``extract.warehouse``, ``train.backend``). Review and deploy go together (GitLab CI deploys
@@ -43,6 +46,7 @@ from mlops_lifecycle.operators.review_local_git import (
     OpenLocalReviewOperator,
     ReviewApprovalOperator,
 )
+from mlops_lifecycle.operators.route import RouteRunOperator
 from mlops_lifecycle.operators.train import TrainOperator
 from mlops_lifecycle.operators.train_databricks import DatabricksTrainOperator
 from mlops_lifecycle.operators.train_local_process import LocalProcessTrainOperator
@@ -126,9 +130,11 @@ class Delivery:
 def _local_review_and_deploy(common: dict[str, Any], train: BaseOperator, gate: BaseOperator) -> Delivery:
     review = OpenLocalReviewOperator(task_id="open_review", candidate=train.output, verdict=gate.output, **common)
     approval = ReviewApprovalOperator(task_id="approve_review", review=review.output, candidate=train.output, **common)
-    merge = MergeReviewOperator(task_id="merge_review", review=review.output, approval=approval.output, **common)
+    merge = MergeReviewOperator(
+        task_id="merge_review", review=review.output, approval=approval.output, candidate=train.output, **common
+    )
     deploy = LocalDeployOperator(task_id="deploy", candidate=train.output, merge=merge.output, **common)
-    return Delivery(review, approval, merge, deploy, may_fail=[approval, merge, deploy])
+    return Delivery(review, approval, merge, deploy, may_fail=[review, approval, merge, deploy])
 
 
 def _gitlab_review_and_deploy(common: dict[str, Any], train: BaseOperator, gate: BaseOperator) -> Delivery:
@@ -138,7 +144,9 @@ def _gitlab_review_and_deploy(common: dict[str, Any], train: BaseOperator, gate:
     deploy = AwaitDeploymentsOperator(
         task_id="await_deployments", merge=merged.output, pipeline=pipeline.output, **common
     )
-    return Delivery(review, approval=merged, merge=merged, deploy=deploy, may_fail=[merged, pipeline, deploy])
+    return Delivery(
+        review, approval=merged, merge=merged, deploy=deploy, may_fail=[review, merged, pipeline, deploy]
+    )
 
 
 #: (review.backend, deploy.backend) -> the builder of that pair's review-and-deploy tasks
@@ -163,13 +171,18 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         schedule=CronDataIntervalTimetable(config.schedule.cron, timezone=tz),
         start_date=datetime.combine(config.schedule.start_date, datetime.min.time(), tzinfo=ZoneInfo(tz)),
         catchup=config.schedule.catchup,
-        max_active_runs=config.schedule.max_active_runs,
+        # one lifecycle run of a line at a time: the scheduler makes each line's runs the single writer of
+        # its aliases and deployment repository (a queued or cleared run waits; backfill runs, which are
+        # backtests and write nothing, are bounded by the backfill's own max_active_runs instead)
+        max_active_runs=1,
         default_args=default_args,
         tags=sorted({"mlops", "lifecycle", f"line:{config.model_line}", f"team:{config.owner.team}", *config.tags}),
         doc_md=_doc(config),
     ) as dag:
         common: dict[str, Any] = {"config": config}
+        route = RouteRunOperator(task_id="route", **common)
         extract = EXTRACT[config.extract.warehouse](task_id="extract", **common)
+        route >> extract
         train = TRAIN[config.train.backend](
             task_id="train",
             snapshot=extract.output,
@@ -194,9 +207,7 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         )
         stage >> delivery.review
         # a rejected review or a failed deployment leaves the registry as it was
-        restore = RestoreStagingOperator(
-            task_id="restore_staging", trigger_rule=TriggerRule.ONE_FAILED, retries=0, **common
-        )
+        restore = RestoreStagingOperator(task_id="restore_staging", trigger_rule=TriggerRule.ONE_FAILED, **common)
         # promote stays a leaf, so the run still ends failed when restore_staging succeeds
         [*delivery.may_fail, verify] >> restore
     return dag

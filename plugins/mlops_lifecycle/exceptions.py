@@ -54,6 +54,10 @@ class TrainingInputError(LifecycleDecision):
     """
 
 
+class Superseded(LifecycleDecision):
+    """Production already serves a model of a later (or the same) data window: this run deploys nothing."""
+
+
 class MergeConflict(LifecycleDecision):
     """A review branch conflicts with main: the merge is aborted and the repository left as it was."""
 

@@ -16,6 +16,8 @@ from datetime import UTC, date, datetime, timedelta
 
 from mlops_lifecycle.config import ModelLineConfig
 
+RUN_KEY_TIME = "%Y%m%dT%H%M"  # the interval's ends in a run key, UTC
+
 
 @dataclass(frozen=True)
 class DataWindow:
@@ -28,7 +30,7 @@ class DataWindow:
 
     @property
     def run_key(self) -> str:
-        return f"{self.model_line}/{self.interval_start:%Y%m%dT%H%M}-{self.interval_end:%Y%m%dT%H%M}"
+        return f"{self.model_line}/{self.interval_start:{RUN_KEY_TIME}}-{self.interval_end:{RUN_KEY_TIME}}"
 
     @property
     def label(self) -> str:
@@ -39,6 +41,18 @@ class DataWindow:
         """XCom-friendly form (ISO strings), including the run key."""
         out = {k: v.isoformat() for k, v in asdict(self).items() if k != "model_line"}
         return {"model_line": self.model_line, "run_key": self.run_key, **out}
+
+
+def run_key_interval(run_key: str) -> tuple[datetime, datetime]:
+    """The data interval (UTC) a run key names: ``<line>/<start>-<end>`` as ``DataWindow.run_key`` writes it."""
+    _, _, interval = run_key.rpartition("/")
+    start, sep, end = interval.partition("-")
+    if not sep:
+        raise ValueError(f"'{run_key}' is not a run key (<line>/<start>-<end>)")
+    return (
+        datetime.strptime(start, RUN_KEY_TIME).replace(tzinfo=UTC),
+        datetime.strptime(end, RUN_KEY_TIME).replace(tzinfo=UTC),
+    )
 
 
 def last_complete_interval(cron: str, tz: str, before: datetime) -> tuple[datetime, datetime]:

@@ -22,6 +22,7 @@ import devstack
 from conftest import MODEL_LINES, REVIEWER
 from hitl import Reviewer
 from mlops_lifecycle import paths
+from mlops_lifecycle.audit import events
 
 LINE = "e2e_demand"
 DAG_ID = f"{LINE}__lifecycle"
@@ -133,7 +134,10 @@ def assert_untouched(before: dict, after: dict, new_version: str, withdrawn_beca
     if withdrawn_because is None:
         assert audit == {}
     else:
-        assert withdrawn_because in audit["audit.staging_withdrawn_because"]
+        staged, withdrawn = events(audit)
+        assert staged["event"] == "staged" and withdrawn["event"] == "staging_withdrawn"
+        assert withdrawn_because in withdrawn["because"] and withdrawn["by"] == staged["by"]
+        assert withdrawn["to"] == staged["from"] == after["aliases"].get("staging")
         assert "audit.promoted_at" not in audit
 
 
@@ -342,7 +346,126 @@ def test_next_window_is_gated_against_production_and_promoted(line):
     assert run.data.tags["lifecycle.production_version"] == "1"
     assert "production.mape" in run.data.metrics
     assert line.registry.aliases(LINE) == {"staging": version, "production": version, "previous_production": "1"}
-    assert line.registry.version_tags(LINE, "1")["audit.replaced_by_version"] == version
+    [replaced] = [e for e in events(line.registry.version_tags(LINE, "1")) if e["event"] == "replaced"]
+    assert replaced["by_version"] == version and replaced["kept_as"] == "previous_production"
     assert line.registry.version_tags(LINE, version)["audit.previous_production_version"] == "1"
     assert f"## {LINE} v{version}: promoted to production" in line.changelog()
+    assert line.served_version() == version
+
+
+W6 = window(9, 11)
+
+
+def test_an_old_window_run_after_a_newer_promotion_is_superseded_and_changes_nothing(line):
+    """Running an old window again (what clearing an old run does): skipped first, nothing trained or deployed."""
+    state, commits, served = line.registry_state(), line.commits(), line.served_version()
+
+    result = line.run(W1)
+
+    assert result.state == "success", "a superseded run is not an error"
+    assert result.task_states["route"] == "skipped"
+    assert set(result.task_states.values()) == {"skipped"}, result.task_states
+    assert len(line.runs_with_key(W1)) == 1, "trained again"
+    assert line.registry_state() == state and line.commits() == commits
+    assert line.served_version() == served
+
+
+def test_every_step_that_writes_refuses_a_superseded_candidate(line):
+    """Clearing any one task of an old run: stage, review, merge, deploy and promote each stop before writing."""
+    from types import SimpleNamespace
+
+    from mlops_lifecycle.config import load_model_line
+    from mlops_lifecycle.dag_factory import build_lifecycle_dag
+    from mlops_lifecycle.exceptions import Superseded
+
+    [old_run] = line.runs_with_key(W1)
+    tags = old_run.data.tags
+    old: dict = {
+        "model_line": LINE,
+        "model_name": LINE,
+        "model_version": tags["lifecycle.registered_version"],
+        "run_id": old_run.info.run_id,
+        "experiment_id": old_run.info.experiment_id,
+        "run_key": tags["lifecycle.run_key"],
+        "production_version": None,
+        "code_revision": tags["lifecycle.code_revision"],
+        "snapshot": "old.parquet",
+        "window": "old",
+        "holdout_start": "2026-09-07",
+    }
+    review = {"review_id": f"review/{LINE}/v1", "branch": f"review/{LINE}/v1", "commit": "x", "repository": "r"}
+    approval = {"decision": "approved", "approved_by": ["someone"], "approved_at": "2026-10-05T03:00:00+00:00"}
+    merge = {"merge_commit": "0" * 40, "review_id": review["review_id"]}
+    rendered = {
+        "candidate": old,
+        "verdict": {"passed": True, "production_version": None, "results": [], "metrics": {}},
+        "review": review,
+        "approval": approval,
+        "merge": merge,
+        "deployment": {"service_url": "http://127.0.0.1:9", "revision": "x", "deployments": {}},
+        "verification": {"url": "http://127.0.0.1:9", "served_version": "1"},
+    }
+    dag = build_lifecycle_dag(load_model_line(MODEL_LINES / f"{LINE}.yaml"))
+    context = {"ti": SimpleNamespace(dag_id=DAG_ID, run_id="manual__old_run_cleared")}
+    state, commits, served = line.registry_state(), line.commits(), line.served_version()
+    production = state["aliases"]["production"]
+
+    for task_id in ("stage", "open_review", "approve_review", "merge_review", "deploy", "promote"):
+        task = dag.get_task(task_id)
+        for field in task.template_fields:
+            setattr(task, field, rendered[field])
+        with pytest.raises(Superseded, match=f"superseded by v{production} .*nothing deployed"):
+            task.execute(context)
+
+    assert line.registry_state() == state and line.commits() == commits
+    assert line.served_version() == served
+
+
+def test_a_failed_attempt_then_a_successful_rerun_leaves_a_true_audit_record(line):
+    """Every audit field read back: events in order naming their runs, approvers as recorded, no stale state."""
+    from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
+
+    previous = line.served_version()
+    LocalServiceDeployer(paths.local_home()).stop(LINE)
+    stale = StaleService(line.port, previous)  # the first attempt's service cannot take the port
+    line.write(deploy={"verify_timeout_seconds": 8, "poll_interval_seconds": 0.5})
+    try:
+        first = line.run(W6)
+    finally:
+        stale.shutdown()
+        stale.server_close()
+        line.write()
+    assert first.state == "failed" and first.task_states["restore_staging"] == "success", first.task_states
+
+    second = line.run(W6)
+
+    assert second.state == "success", second.task_states
+    version = candidate_version(line, W6)
+    assert line.registry.aliases(LINE) == {"staging": version, "production": version, "previous_production": previous}
+    [run] = line.runs_with_key(W6)
+    tags = line.registry.version_tags(LINE, version)
+    log = events(tags)
+    assert [e["event"] for e in log] == ["staged", "staging_withdrawn", "staged", "promoted"]
+    staged_first, withdrawn, staged_again, promoted = log
+    assert staged_first["by"] == f"airflow:{DAG_ID}/{first.run_id}" == withdrawn["by"]
+    assert staged_again["by"] == f"airflow:{DAG_ID}/{second.run_id}" == promoted["by"]
+    assert staged_first["from"] == withdrawn["to"] == staged_again["from"] == previous
+    assert "verify_serving failed" in withdrawn["because"]
+    assert staged_first["at"] <= withdrawn["at"] <= staged_again["at"] <= promoted["at"]
+    auto = "auto_approve (model-line config)"
+    assert promoted["approved_by"] == [auto] and promoted["from"] == previous and promoted["to"] == version
+    # the facts, written once
+    assert tags["audit.run_id"] == run.info.run_id and tags["audit.run_key"] == run.data.tags["lifecycle.run_key"]
+    assert tags["audit.data_window"] == "2024-11-09..2026-11-09" and tags["audit.gate_verdict"] == "passed"
+    assert tags["audit.code_revision"] == run.data.tags["lifecycle.code_revision"]
+    assert json.loads(tags["audit.metrics"])["mape"] == pytest.approx(run.data.metrics["mape"])
+    # the promotion, as it happened in the run that made it
+    assert tags["audit.approved_by"] == auto and json.loads(run.data.tags["review.approval"])["approved_by"] == [auto]
+    assert tags["audit.promoted_by"] == promoted["by"] and tags["audit.previous_production_version"] == previous
+    assert tags["audit.merge_commit"] == promoted["merge_commit"]
+    assert tags["audit.review_id"] == f"review/{LINE}/v{version}"
+    # nothing that contradicts the aliases: withdrawal and staging live only in the event log
+    assert not [k for k in tags if k.startswith(("audit.staging_withdrawn", "audit.staged_"))]
+    entry = line.changelog().split(f"## {LINE} v{version}: promoted to production")[1]
+    assert f"Approved by {auto} at" in entry and f"Previous production: v{previous}" in entry
     assert line.served_version() == version

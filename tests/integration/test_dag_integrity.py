@@ -83,6 +83,7 @@ def test_no_heavy_module_is_imported_at_parse_time(shipped):
 def test_lifecycle_shape_tags_owner_and_retries(shipped):
     dag = shipped["dags"]["demand_forecast__lifecycle"]
     chain = [
+        "route",
         "extract",
         "train",
         "gate",
@@ -98,11 +99,13 @@ def test_lifecycle_shape_tags_owner_and_retries(shipped):
     for upstream, downstream in zip(chain, chain[1:], strict=False):
         assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
     assert dag["downstream"]["promote"] == []  # a leaf: a failed promotion fails the run
-    for task in ("approve_review", "merge_review", "deploy", "verify_serving"):
+    for task in ("open_review", "approve_review", "merge_review", "deploy", "verify_serving"):
         assert "restore_staging" in dag["downstream"][task]
     assert {"mlops", "lifecycle", "line:demand_forecast", "team:forecasting", "forecasting"} <= set(dag["tags"])
     assert dag["owner"] == "forecasting"
-    assert dag["retries"]["train"] == 2 and dag["retries"]["restore_staging"] == 0
+    # restore_staging is as safe to retry as any other step: it moves the alias back only from this run's candidate
+    assert dag["retries"]["train"] == 2 and dag["retries"]["restore_staging"] == 2
+    # one lifecycle run of a line at a time: the scheduler makes it the single writer of the line's state
     assert dag["max_active_runs"] == 1 and dag["catchup"] is False
     other = shipped["dags"]["high_demand_alert__lifecycle"]
     assert other["owner"] == "store-ops-ml" and other["retries"]["train"] == 1
@@ -135,10 +138,10 @@ def test_production_adapters_build_their_dag_without_importing_providers_or_clie
 
     assert parsed["errors"] == {} and parsed["heavy"] == []
     dag = parsed["dags"]["demand_forecast__lifecycle"]
-    chain = ["extract", "train", "gate", "stage", "open_review", "await_merge", "await_pipeline"]
+    chain = ["route", "extract", "train", "gate", "stage", "open_review", "await_merge", "await_pipeline"]
     chain += ["await_deployments", "verify_serving", "promote"]
     for upstream, downstream in zip(chain, chain[1:], strict=False):
         assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
     assert set(dag["tasks"]) == {*chain, "restore_staging"}
-    for task in ("await_merge", "await_pipeline", "await_deployments", "verify_serving"):
+    for task in ("open_review", "await_merge", "await_pipeline", "await_deployments", "verify_serving"):
         assert "restore_staging" in dag["downstream"][task]

@@ -62,6 +62,10 @@ CASES = {
         lambda d: d["window"].update(holdout_days=300, training_lookback_days=400),
         "window: holdout_days (300) must be at most half of training_lookback_days (400)",
     ),
+    "parallel_lifecycle_runs": (
+        lambda d: d["schedule"].update(max_active_runs=2),
+        "schedule: max_active_runs is not configurable: a line runs one lifecycle run at a time",
+    ),
     "unknown_warehouse": (
         lambda d: d["extract"].update(warehouse="snowflake"),
         "extract.warehouse: Input should be one of 'duckdb', 'bigquery' (got 'snowflake')",

@@ -176,8 +176,28 @@ class MlflowRegistryHook(BaseHook):
             raise RegistryConflict(
                 f"Registered model '{name}': alias '{alias}' moved to v{after} while this run set it to v{version}"
             )
-        self.log.info("Registered model '%s': alias '%s' v%s -> v%s", name, alias, current, version)
+        self.log.info(
+            "Registered model '%s': alias '%s' %s -> v%s", name, alias, f"v{current}" if current else "(none)", version
+        )
         return True
+
+    def record_event(self, name: str, version: str, event: dict[str, Any]) -> dict[str, Any]:
+        """Append ``event`` (with ``event`` and ``by`` keys) to the version's audit events (``mlops_lifecycle.audit``).
+
+        A retry of the step finds the event it recorded first (the latest one) and returns that, so what
+        was recorded before an alias moved (``from``) survives any number of retries.
+        """
+        import json
+
+        from mlops_lifecycle.audit import next_event_tag, retried_event
+
+        tags = self.version_tags(name, version)
+        recorded = retried_event(tags, event["event"], event["by"])
+        if recorded is not None:
+            return recorded
+        self.client.set_model_version_tag(name, version, next_event_tag(tags), json.dumps(event, sort_keys=True))
+        self.log.info("Audit %s v%s: %s", name, version, event)
+        return event
 
     def add_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
         """Append-only audit tags: write keys that are not there yet, never rewrite one that is.

@@ -21,8 +21,8 @@ from airflow.sdk import BaseOperator
 
 from mlops_lifecycle import paths
 from mlops_lifecycle.config import ModelLineConfig
-from mlops_lifecycle.exceptions import LifecycleError
-from mlops_lifecycle.window import DataWindow, resolve_window
+from mlops_lifecycle.exceptions import LifecycleError, Superseded
+from mlops_lifecycle.window import DataWindow, resolve_window, run_key_interval
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -59,6 +59,12 @@ class LifecycleOperator(BaseOperator):
         ti = context["ti"]
         return {"airflow.dag_id": ti.dag_id, "airflow.run_id": ti.run_id}
 
+    @staticmethod
+    def run_ref(context: Context) -> str:
+        """Who did it, in audit records: ``airflow:<dag_id>/<run_id>``."""
+        ti = context["ti"]
+        return f"airflow:{ti.dag_id}/{ti.run_id}"
+
     def set_link(self, key: str, url: str | None) -> None:
         if url:
             self.recorded_links[key] = url
@@ -87,6 +93,37 @@ class LifecycleOperator(BaseOperator):
 
     def model_version_url(self, version: str) -> str | None:
         return self.registry.model_version_url(self.config.registry.model_name, version)
+
+    def superseded_because(self, run_key: str, version: str | None = None) -> str | None:
+        """Why a run for ``run_key`` (candidate ``version``, once trained) must not deploy or promote, or None.
+
+        Production only moves forward: a run whose data window ends before the window of the version
+        production serves is superseded, and so is another version of a window that ends at the same
+        time. The same version (a re-run of production's own window) is not: it finds what was done.
+        """
+        reg = self.config.registry
+        serving = self.registry.alias_version(reg.model_name, reg.production_alias)
+        if serving is None or serving == version:
+            return None
+        serving_key = self.registry.version_tags(reg.model_name, serving).get("audit.run_key")
+        if not serving_key:
+            return None  # staged by hand, not by a lifecycle run: no window to compare with
+        _, serving_end = run_key_interval(serving_key)
+        _, end = run_key_interval(run_key)
+        if end > serving_end or (end == serving_end and version is None):
+            return None
+        return (
+            f"superseded by v{serving} (window {serving_key}): production serves a model of data up to "
+            f"{serving_end:%Y-%m-%d %H:%M} UTC, and this run's window {run_key} ends "
+            f"{'before' if end < serving_end else 'at the same time'}; nothing deployed. Production only moves "
+            "forward: going back is a rollback, not a re-run"
+        )
+
+    def ensure_not_superseded(self, run_key: str, version: str) -> None:
+        """Stop (a decision: not retried) before any deploy or promotion step of a superseded candidate."""
+        because = self.superseded_because(run_key, version)
+        if because:
+            raise Superseded(f"{self.config.registry.model_name} v{version}: {because}")
 
 
 def event_or_fail(event: dict[str, Any] | None, rejected: type[Exception]) -> dict[str, Any]:

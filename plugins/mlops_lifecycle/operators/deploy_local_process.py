@@ -39,6 +39,8 @@ class LocalDeployOperator(LifecycleOperator):
         from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
 
         c, commit = self.candidate, self.merge["merge_commit"]
+        # before anything is packaged or stopped: production never goes back to an older window
+        self.ensure_not_superseded(c["run_key"], c["model_version"])
         raw = self.deployment_repo.read(commit, pin_path(c["model_line"]))
         pin = yaml.safe_load(raw) if raw else None
         if not pin or str(pin.get("model_version")) != c["model_version"]:

@@ -11,6 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from mlops_lifecycle.audit import find_event, latest_event
 from mlops_lifecycle.deployment_repository import changelog_path
 from mlops_lifecycle.exceptions import GateRejected
 from mlops_lifecycle.gate import evaluate_gate
@@ -89,7 +90,7 @@ class StageOperator(LifecycleOperator):
         c, reg = self.candidate, self.config.registry
         if not self.verdict.get("passed"):
             raise GateRejected(f"{c['model_name']} v{c['model_version']} has no passing gate verdict")
-        ids = self.airflow_ids(context)
+        self.ensure_not_superseded(c["run_key"], c["model_version"])
         self.registry.add_version_tags(
             c["model_name"],
             c["model_version"],
@@ -111,14 +112,25 @@ class StageOperator(LifecycleOperator):
                 ),
                 "audit.gate_verdict": "passed",
                 "audit.gated_against_production": c["production_version"] or "none",
-                "audit.staged_by": f"airflow:{ids['airflow.dag_id']}/{ids['airflow.run_id']}",
-                "audit.staged_at": _now(),
             },
         )
-        previous = self.registry.alias_version(c["model_name"], reg.staging_alias)
-        self.registry.move_alias(c["model_name"], reg.staging_alias, c["model_version"], expected=previous)
-        self.set_link(MlflowModelVersionLink.key, self.model_version_url(c["model_version"]))
-        return {"alias": reg.staging_alias, "version": c["model_version"], "previous": previous}
+        name, version, by = c["model_name"], c["model_version"], self.run_ref(context)
+        self.set_link(MlflowModelVersionLink.key, self.model_version_url(version))
+        current = self.registry.alias_version(name, reg.staging_alias)
+        if current == version:
+            # staged already, by an earlier try of this run or by an earlier run: nothing moves, nothing to
+            # record; what staging pointed to before is in the event that moved it
+            earlier = latest_event(self.registry.version_tags(name, version), "staged")
+            self.log.info("Alias '%s' already points at v%s: nothing to move", reg.staging_alias, version)
+            return {"alias": reg.staging_alias, "version": version, "previous": earlier["from"] if earlier else None}
+        # what staging pointed to is recorded before it moves, so a retry (or restore_staging) never loses it
+        staged = self.registry.record_event(
+            name,
+            version,
+            {"event": "staged", "by": by, "at": _now(), "alias": reg.staging_alias, "from": current, "to": version},
+        )
+        self.registry.move_alias(name, reg.staging_alias, version, expected=current)
+        return {"alias": reg.staging_alias, "version": version, "previous": staged["from"]}
 
 
 class RestoreStagingOperator(LifecycleOperator):
@@ -133,12 +145,18 @@ class RestoreStagingOperator(LifecycleOperator):
 
     def execute(self, context: Context) -> StagingRestored | None:
         ti = context["ti"]
-        staged: Staging | None = ti.xcom_pull(task_ids="stage")
-        if not staged:
+        candidate: Candidate | None = ti.xcom_pull(task_ids="train")
+        name, by = self.config.registry.model_name, self.run_ref(context)
+        # this run's own record of what it staged (written before the alias moved), not its XCom
+        staged = (
+            find_event(self.registry.version_tags(name, candidate["model_version"]), "staged", by)
+            if candidate
+            else None
+        )
+        if not candidate or not staged:
             self.log.info("Staging was not moved by this run: nothing to restore")
             return None
-        name = self.config.registry.model_name
-        alias, ours, previous = staged["alias"], staged["version"], staged["previous"]
+        alias, ours, previous = staged["alias"], staged["to"], staged["from"]
         if self.registry.alias_version(name, self.config.registry.production_alias) == ours:
             self.log.info("v%s already reached production: staging stays", ours)
             return None
@@ -154,8 +172,10 @@ class RestoreStagingOperator(LifecycleOperator):
         else:
             self.registry.move_alias(name, alias, previous, expected=ours)
         # the version did reach staging: its audit record says so, and why it was withdrawn
-        self.registry.add_version_tags(
-            name, ours, {"audit.staging_withdrawn_at": _now(), "audit.staging_withdrawn_because": reason}
+        self.registry.record_event(
+            name,
+            ours,
+            {"event": "staging_withdrawn", "by": by, "at": _now(), "alias": alias, "to": previous, "because": reason},
         )
         self.log.info("Staging withdrawn from v%s (back to %s): %s", ours, previous or "none", reason)
         return {"alias": alias, "restored_to": previous, "was": ours, "because": reason}
@@ -197,8 +217,8 @@ class PromoteOperator(LifecycleOperator):
 
         c, reg = self.candidate, self.config.registry
         name, version, expected = c["model_name"], c["model_version"], c["production_version"]
-        ids = self.airflow_ids(context)
-        promoted_by = f"airflow:{ids['airflow.dag_id']}/{ids['airflow.run_id']}"
+        self.ensure_not_superseded(c["run_key"], version)
+        promoted_by = self.run_ref(context)
         promoted_at = _now()
         pipeline_id, review_url = self.deployment.get("pipeline_id"), self.review.get("web_url")
         # check before writing anything, then the record, then the move: a promotion never lacks
@@ -221,12 +241,47 @@ class PromoteOperator(LifecycleOperator):
                 "audit.promoted_at": promoted_at,
             },
         )
+        already = self.registry.alias_version(name, reg.production_alias) == version
+        if already:
+            # a retry after the move, or a re-run of this window: finish what the promoting run began, no more
+            earlier = latest_event(self.registry.version_tags(name, version), "promoted")
+            finishing = earlier is not None and earlier["by"] == promoted_by
+            promoted_at = earlier["at"] if earlier else promoted_at
+        else:
+            finishing = True
+            promoted_at = self.registry.record_event(
+                name,
+                version,
+                {
+                    "event": "promoted",
+                    "by": promoted_by,
+                    "at": promoted_at,
+                    "alias": reg.production_alias,
+                    "from": expected,
+                    "to": version,
+                    "approved_by": self.approval["approved_by"],
+                    "approved_at": self.approval["approved_at"],
+                    "review_id": self.review["review_id"],
+                    "merge_commit": self.merge["merge_commit"],
+                    "deployments": self.deployment["deployments"],
+                    "verified": self.verification["url"],
+                },
+            )["at"]
         moved = self.registry.move_alias(name, reg.production_alias, version, expected=expected)
-        if expected:
+        if expected and finishing:
             current_previous = self.registry.alias_version(name, reg.previous_production_alias)
             self.registry.move_alias(name, reg.previous_production_alias, expected, expected=current_previous)
-            self.registry.add_version_tags(
-                name, expected, {"audit.replaced_by_version": version, "audit.replaced_at": promoted_at}
+            self.registry.record_event(
+                name,
+                expected,
+                {
+                    "event": "replaced",
+                    "by": promoted_by,
+                    "at": promoted_at,
+                    "alias": reg.production_alias,
+                    "by_version": version,
+                    "kept_as": reg.previous_production_alias,
+                },
             )
         entry = render_promotion(
             model_line=c["model_line"],

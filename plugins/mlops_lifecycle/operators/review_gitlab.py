@@ -57,6 +57,7 @@ class OpenMergeRequestOperator(GitLabReviewMixin, OpenReviewOperator):
         from mlops_lifecycle.changelog import render_merge_request
 
         review, c = self.review_cfg, self.candidate
+        self.ensure_not_superseded(c["run_key"], c["model_version"])  # no merge request for the past
         proposal = self.proposal(context)
         branch, commit = self.commit_proposal(proposal)
         location = self.deployment_repo.location

@@ -49,6 +49,7 @@ class OpenLocalReviewOperator(OpenReviewOperator):
     """Commit the proposal (changelog entry + version pin) on the review branch; one branch per version."""
 
     def execute(self, context: Context) -> Review:
+        self.ensure_not_superseded(self.candidate["run_key"], self.candidate["model_version"])
         proposal = self.proposal(context)
         branch, commit = self.commit_proposal(proposal)
         location = self.deployment_repo.location
@@ -89,6 +90,7 @@ class ReviewApprovalOperator(LocalGitReviewMixin, LifecycleOperator, ApprovalOpe
 
     def execute(self, context: Context) -> Any:
         c = self.candidate
+        self.ensure_not_superseded(c["run_key"], c["model_version"])  # never ask anyone to approve the past
         text = self.merging_repo.read(self.review["review_id"], changelog_path(c["model_line"])) or ""
         heading = entry_heading(c["model_line"], c["model_version"], "proposed for production")
         self.subject = f"Approve {c['model_name']} v{c['model_version']} for production?"
@@ -154,16 +156,18 @@ class ReviewApprovalOperator(LocalGitReviewMixin, LifecycleOperator, ApprovalOpe
 class MergeReviewOperator(LocalGitReviewMixin, LifecycleOperator):
     """Merge the approved review branch into main (a retry finds the existing merge commit)."""
 
-    template_fields = ("review", "approval")
+    template_fields = ("review", "approval", "candidate")
 
-    def __init__(self, *, review: Upstream, approval: Upstream, **kwargs: Any) -> None:
+    def __init__(self, *, review: Upstream, approval: Upstream, candidate: Upstream, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.review: Review = review
         self.approval: Approval = approval
+        self.candidate: Candidate = candidate
 
     def execute(self, context: Context) -> Merge:
         if self.approval.get("decision") != "approved":
             raise ReviewRejected(f"Review {self.review['review_id']} is not approved: {self.approval}")
+        self.ensure_not_superseded(self.candidate["run_key"], self.candidate["model_version"])
         sha = self.merging_repo.merge(
             self.review["review_id"],
             f"Merge {self.review['review_id']} (approved by {', '.join(self.approval['approved_by'])})",
