@@ -23,6 +23,7 @@ import yaml
 import devstack
 from conftest import MODEL_LINES, REPO
 from mlops_lifecycle import paths
+from mlops_lifecycle.audit import events
 from standins.base import Fault
 from standins.bigquery import BigQueryStandIn
 from standins.databricks import DatabricksStandIn
@@ -222,8 +223,8 @@ def test_closed_merge_request_leaves_the_registry_as_it_was(prod):
     assert result.task_states["await_merge"] == "failed" and result.task_states["promote"] != "success"
     after = prod.registry_state()
     assert after["aliases"] == before["aliases"]
-    withdrawn = after["versions"]["2"]
-    assert "await_merge failed" in withdrawn["audit.staging_withdrawn_because"]
+    [withdrawn] = [e for e in events(after["versions"]["2"]) if e["event"] == "staging_withdrawn"]
+    assert "await_merge failed" in withdrawn["because"]
     assert len(prod.gitlab.pipelines) == 1, "nothing was merged, so nothing was deployed"
 
 
@@ -291,5 +292,6 @@ def test_production_serving_another_version_leaves_the_registry_as_it_was(prod):
     after = prod.registry_state()
     assert after["aliases"] == before["aliases"]
     candidate = max(after["versions"], key=int)
-    assert "verify_serving failed" in after["versions"][candidate]["audit.staging_withdrawn_because"]
+    [withdrawn] = [e for e in events(after["versions"][candidate]) if e["event"] == "staging_withdrawn"]
+    assert "verify_serving failed" in withdrawn["because"]
     assert devstack.service_version(prod.service_url)["model_version"] == serving
