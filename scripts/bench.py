@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
@@ -202,6 +202,159 @@ def bench_lifecycle() -> None:
     if fit is not None:
         summary.insert(3, ["  of which fit", f"{fit:.1f}"])
     table("Where the time goes", ["part", "seconds"], summary)
+
+
+# --- backtests: a backfill of many weekly windows through the real scheduler ---------------------------
+
+BACKTEST_WINDOWS = int(os.environ.get("BENCH_BACKTEST_WINDOWS", "52"))
+BACKTEST_PARALLEL = (1, 2)
+
+
+def start_standalone(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`airflow standalone` over ``env`` (every user an admin: the bench's own throwaway home); its API URL."""
+    port = devstack.free_port()
+    env = {
+        **env,
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(devstack.free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(devstack.free_port()),
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    }
+    log = open(home / "standalone.log", "ab")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("airflow")), "standalone"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            health = json.loads(urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=3).read())
+            if all(health.get(c, {}).get("status") == "healthy" for c in ("scheduler", "dag_processor")):
+                return proc, url
+        except (OSError, ValueError):
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"airflow standalone did not become healthy; see {home / 'standalone.log'}")
+
+
+def api(url: str, method: str = "GET", body: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def bench_backtest() -> None:
+    """Backtest demand_forecast over BACKTEST_WINDOWS weeks, once per max_active_runs; where the time goes."""
+    from mlops_lifecycle.window import last_complete_interval
+
+    home = Path(tempfile.mkdtemp(prefix="mlops-bench-backtest-"))
+    server = devstack.MlflowServer(home / "mlflow", devstack.free_port())
+    env = {**os.environ, **devstack.stack_env(home, server.url)}
+    env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"
+    (home / "model_lines").mkdir()
+    env["MLOPS_MODEL_LINES_DIR"] = str(home / "model_lines")
+    devstack.migrate_airflow_db(env)
+    server.start()
+    proc, url = start_standalone(home, env)
+    rows, summary = [], []
+    try:
+        _, latest = last_complete_interval("0 3 * * 1", "UTC", datetime.now(UTC))
+        week = timedelta(days=7)
+        for parallel in BACKTEST_PARALLEL:
+            line = f"bench_bt{parallel}"
+            base = yaml.safe_load((paths.include_dir() / "model_lines" / "demand_forecast.yaml").read_text())
+            base.update(model_line=line, retries=1, retry_delay_seconds=1)
+            base["registry"].update(model_name=line, experiment=f"/bench/{line}")
+            base["deploy"]["port"] = devstack.free_port()
+            (home / "model_lines" / f"{line}.yaml").write_text(yaml.safe_dump(base))
+            dag = f"{line}__lifecycle"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    api(f"{url}/api/v2/dags/{dag}")
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+            api(f"{url}/api/v2/dags/{dag}", "PATCH", {"is_paused": False})
+            first_end = latest - week * BACKTEST_WINDOWS
+            started = time.monotonic()
+            created = api(
+                f"{url}/api/v2/backfills",
+                "POST",
+                {
+                    "dag_id": dag,
+                    "from_date": (first_end - week).isoformat(),
+                    "to_date": (latest - week * 2).isoformat(),
+                    "max_active_runs": parallel,
+                    "reprocess_behavior": "none",
+                },
+            )
+            while not api(f"{url}/api/v2/backfills/{created['id']}").get("completed_at"):
+                time.sleep(2)
+            wall = time.monotonic() - started
+            runs = [
+                r for r in api(f"{url}/api/v2/dags/{dag}/dagRuns?limit=500")["dag_runs"] if r["run_type"] == "backfill"
+            ]
+            run_seconds = train = report = 0.0
+            for run in runs:
+                tis = api(f"{url}/api/v2/dags/{dag}/dagRuns/{run['dag_run_id']}/taskInstances")["task_instances"]
+                durations = {t["task_id"]: t["duration"] or 0.0 for t in tis}
+                train += durations.get("backtest_baseline", 0.0) + durations.get("backtest_train", 0.0)
+                report += durations.get("backtest_report", 0.0)
+                start, end = (datetime.fromisoformat(run[k]) for k in ("start_date", "end_date"))
+                run_seconds += (end - start).total_seconds()
+            ok = sum(r["state"] == "success" for r in runs)
+            rows.append(
+                [
+                    str(parallel),
+                    f"{len(runs)} ({ok} ok)",
+                    f"{wall:.0f}",
+                    f"{len(runs) / wall * 60:.1f}",
+                    f"{train:.0f}",
+                    f"{report:.0f}",
+                    f"{1 - train / run_seconds:.0%}" if run_seconds else "-",
+                ]
+            )
+            summary.append((parallel, len(runs) / wall))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    table(
+        f"Backtest of demand_forecast over {BACKTEST_WINDOWS} weekly windows (airflow standalone, REST backfill)",
+        [
+            "max_active_runs",
+            "windows",
+            "wall s",
+            "windows/min",
+            "training task s",
+            "report task s",
+            "not training (of run time)",
+        ],
+        rows,
+    )
+    if len(summary) == 2:
+        speedup = summary[1][1] / summary[0][1]
+        table("Parallel backtest", ["2 runs vs 1: throughput", "target"], [[f"{speedup:.2f}x", ">= 1.6x"]])
 
 
 # --- the model service against `mlflow models serve` ----------------------------------------------
@@ -636,7 +789,7 @@ def bench_service() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["parse", "lifecycle", "service"])
+    parser.add_argument("--only", choices=["parse", "lifecycle", "service", "backtest"])
     args = parser.parse_args()
     if args.only in (None, "parse"):
         bench_parse(args.repeats)
@@ -644,6 +797,8 @@ def main() -> int:
         bench_lifecycle()
     if args.only in (None, "service"):
         bench_service()
+    if args.only in (None, "backtest"):
+        bench_backtest()
     return 0
 
 

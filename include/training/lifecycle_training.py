@@ -141,9 +141,15 @@ def parse_args(line: ModelLine, argv: list[str] | None = None) -> argparse.Names
     add("--params", required=True, type=_json_object, help="JSON object of hyperparameter overrides.")
     add("--tags", required=True, type=_json_object, help="JSON object of extra MLflow run tags.")
     add("--result-file", type=Path, help="Also write the result JSON here.")
+    add("--backtest-id", help="Backtest mode: evaluate on the horizon after the window, register nothing.")
+    add("--horizon-end", type=_iso_date, help="Backtest mode: exclusive end of the horizon after --window-end.")
     args = parser.parse_args(argv)
     if args.window_start >= args.window_end:
         parser.error(f"--window-start {args.window_start} must be before --window-end {args.window_end}")
+    if (args.backtest_id is None) != (args.horizon_end is None):
+        parser.error("--backtest-id and --horizon-end go together (backtest mode)")
+    if args.horizon_end is not None and args.horizon_end <= args.window_end:
+        parser.error(f"--horizon-end {args.horizon_end} must be after --window-end {args.window_end}")
     if any(char in args.run_key for char in "'\"\\"):
         parser.error(f"--run-key must not contain quotes or backslashes: {args.run_key!r}")
     valid = line.estimator().get_params()
@@ -236,16 +242,10 @@ def read_snapshot(line: ModelLine, args: argparse.Namespace) -> pd.DataFrame:
         )
     frame = frame[[DATE_COLUMN, *line.features, args.target]].copy()
     frame[DATE_COLUMN] = pd.to_datetime(frame[DATE_COLUMN])
-    inside = (frame[DATE_COLUMN] >= pd.Timestamp(args.window_start)) & (
-        frame[DATE_COLUMN] < pd.Timestamp(args.window_end)
-    )
+    end = args.horizon_end or args.window_end  # backtest mode reads the horizon after the window too
+    inside = (frame[DATE_COLUMN] >= pd.Timestamp(args.window_start)) & (frame[DATE_COLUMN] < pd.Timestamp(end))
     if not inside.all():
-        log.warning(
-            "dropping %d rows outside the window [%s, %s)",
-            (~inside).sum(),
-            args.window_start,
-            args.window_end,
-        )
+        log.warning("dropping %d rows outside [%s, %s)", (~inside).sum(), args.window_start, end)
     unlabelled = frame[args.target].isna()
     if unlabelled.any():
         log.info("dropping %d rows without a target", unlabelled.sum())
@@ -267,7 +267,8 @@ def read_snapshot(line: ModelLine, args: argparse.Namespace) -> pd.DataFrame:
 
 
 def split(frame: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Time-based split: train before ``--holdout-start``, holdout from it on."""
+    """Time-based split: train before ``--holdout-start``, holdout from it on (to the window's end)."""
+    frame = frame[frame[DATE_COLUMN] < pd.Timestamp(args.window_end)]
     in_holdout = frame[DATE_COLUMN] >= pd.Timestamp(args.holdout_start)
     train, holdout = frame[~in_holdout], frame[in_holdout]
     dates = (
@@ -491,6 +492,14 @@ def previous_result(client: MlflowClient, args: argparse.Namespace) -> dict[str,
         order_by=["attributes.start_time DESC"],
     )
     for run in runs:
+        if args.backtest_id is not None:  # nothing registered in backtest mode: the finished run is the result
+            return {
+                "run_id": run.info.run_id,
+                "model_version": None,
+                "metrics": run.data.metrics,
+                "production_version": None,
+                "horizon": run.data.tags.get("backtest.horizon"),
+            }
         version = run.data.tags.get("lifecycle.registered_version")
         if version is None:
             continue
@@ -554,6 +563,8 @@ def train_and_register(line: ModelLine, args: argparse.Namespace, client: Mlflow
         mlflow.log_metrics(metrics)
     log.info("holdout metrics: %s", _format_metrics(metrics))
 
+    if args.backtest_id is not None:
+        return backtest_result(line, args, model, frame, metrics)
     with phase("log model"):
         model_info = log_model(line, model, x_holdout)
         mlflow.log_dict(golden_set(line, model, x_holdout), GOLDEN_SET_ARTIFACT)
@@ -574,6 +585,103 @@ def train_and_register(line: ModelLine, args: argparse.Namespace, client: Mlflow
     }
 
 
+HORIZON_PREFIX = "horizon."
+
+
+def horizon_of(frame: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataFrame, str]:
+    """The horizon's rows, and whether the data covers it to its last day (``complete``) or not (``missing``)."""
+    part = frame[frame[DATE_COLUMN] >= pd.Timestamp(args.window_end)]
+    last_day = pd.Timestamp(args.horizon_end) - pd.Timedelta(days=1)
+    complete = not part.empty and part[DATE_COLUMN].max() >= last_day
+    return part, "complete" if complete else "missing"
+
+
+def backtest_result(
+    line: ModelLine, args: argparse.Namespace, model: Any, frame: pd.DataFrame, metrics: dict[str, float]
+) -> dict[str, Any]:
+    """Backtest mode: log the model (a later window may score it as its champion) and its horizon metrics."""
+    import mlflow
+
+    horizon, status = horizon_of(frame, args)
+    with phase("log model"):
+        example = horizon[line.features] if not horizon.empty else frame[line.features].tail(5)
+        info = log_model(line, model, example)
+    mlflow.set_tags(
+        {"backtest.horizon": status, "backtest.horizon_rows": str(len(horizon)), "backtest.model_uri": info.model_uri}
+    )
+    horizon_metrics: dict[str, float] = {}
+    if status == "complete":
+        with phase("evaluate horizon"):
+            scores = line.scores(line.model_output(model, horizon[line.features]))
+            horizon_metrics = {
+                f"{HORIZON_PREFIX}{k}": v for k, v in line.metrics(horizon[args.target].to_numpy(), scores).items()
+            }
+            mlflow.log_metrics(horizon_metrics)
+        log.info("horizon %s..%s: %s", args.window_end, args.horizon_end, _format_metrics(horizon_metrics))
+    else:
+        log.info("horizon %s..%s is not in the data yet (%d rows): reported, not failed", args.window_end,
+                 args.horizon_end, len(horizon))
+    return {
+        "run_id": mlflow.active_run().info.run_id,
+        "model_version": None,
+        "metrics": metrics | horizon_metrics,
+        "production_version": None,
+        "horizon": status,
+    }
+
+
+class Scorer:
+    """Scores logged models on date ranges of snapshots with the line's metrics, loading each model once.
+
+    Used by the backtest report to score each window's champion on that window's horizon, in the report
+    task's own process (``score_main`` is the same as a command).
+    """
+
+    def __init__(self, line: ModelLine, target: str) -> None:
+        self.line, self.target = line, target
+        self.models: dict[str, Any] = {}
+
+    def score(self, model_uri: str, snapshot: str, start: date, end: date) -> dict[str, float]:
+        """Metrics of ``model_uri`` on the labelled rows of ``snapshot`` in [start, end); {} if it cannot score."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        # the same reading, typing and filtering as training
+        window = argparse.Namespace(
+            snapshot=snapshot, model_line="?", target=self.target, window_start=start, window_end=end, horizon_end=None
+        )
+        rows = read_snapshot(self.line, window)
+        if rows.empty:
+            return {}
+        if model_uri not in self.models:
+            self.models[model_uri] = mlflow.pyfunc.load_model(model_uri)
+        try:
+            output = self.models[model_uri].predict(rows[self.line.features])
+        except (MlflowException, KeyError, ValueError, TypeError) as exc:
+            log.warning("%s cannot score %s [%s, %s): %s", model_uri, snapshot, start, end, exc)
+            return {}
+        return self.line.metrics(rows[self.target].to_numpy(), self.line.scores(output))
+
+
+def score_main(line: ModelLine, request_file: Path, result_file: Path) -> int:
+    """``<entrypoint> score REQUEST RESULT``: score logged models on snapshot date ranges with the line's metrics.
+
+    REQUEST is JSON ``{"target": col, "pairs": [{"key", "model_uri", "snapshot", "start", "end"}]}``; RESULT
+    gets ``{key: {metric: value}}`` (``{}`` for a model that cannot score those rows).
+    """
+    request = json.loads(request_file.read_text())
+    scorer = Scorer(line, request["target"])
+    out = {
+        pair["key"]: scorer.score(
+            pair["model_uri"], pair["snapshot"], date.fromisoformat(pair["start"]), date.fromisoformat(pair["end"])
+        )
+        for pair in request["pairs"]
+    }
+    result_file.write_text(json.dumps(out))
+    log.info("scored %d pair(s) with %d model(s)", len(out), len(scorer.models))
+    return 0
+
+
 def emit(result: dict[str, Any], result_file: Path | None, stdout: TextIO) -> None:
     """Write the result as one JSON line to stdout (and to ``result_file``); NaN/inf become null."""
     result = result | {"metrics": {k: _finite_or_none(v) for k, v in sorted(result["metrics"].items())}}
@@ -587,6 +695,13 @@ def emit(result: dict[str, Any], result_file: Path | None, stdout: TextIO) -> No
 def main(line: ModelLine, argv: list[str] | None = None) -> int:
     """Run the whole training step; return the process exit code."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["score"]:
+        if len(argv) != 3:
+            print("usage: <entrypoint> score REQUEST.json RESULT.json", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+        with contextlib.redirect_stdout(sys.stderr), _thread_limit():
+            return score_main(line, Path(argv[1]), Path(argv[2]))
     args = parse_args(line, argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     stdout = sys.stdout
@@ -630,6 +745,8 @@ def _run(line: ModelLine, args: argparse.Namespace) -> tuple[int, dict[str, Any]
         "lifecycle.holdout_start": args.holdout_start.isoformat(),
         "lifecycle.snapshot": str(args.snapshot),
     }
+    if args.backtest_id is not None:
+        tags |= {"backtest.id": args.backtest_id, "backtest.horizon_end": args.horizon_end.isoformat()}
     run = mlflow.start_run(run_name=f"{args.model_line}-{args.window_start}_{args.window_end}", tags=tags)
     log.info("MLflow run %s in experiment %s", run.info.run_id, args.experiment)
     status = "FAILED"

@@ -293,6 +293,40 @@ class DeployGitLabCI(_DeployCommon):
 Deploy = Annotated[DeployLocal | DeployGitLabCI, Field(discriminator="backend")]
 
 
+BASELINE_VARIANT = "baseline"
+
+
+class BacktestVariant(_Strict):
+    """Another model idea to backtest against the line's own training (the baseline)."""
+
+    description: str = ""
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of train.parameters for this variant."
+    )
+    entrypoint: str | None = Field(default=None, description="Another training script, relative to include/.")
+
+
+class Backtest(_Strict):
+    """How a backfill of the lifecycle DAG backtests the line over past windows."""
+
+    horizon_days: int | None = Field(
+        default=None, ge=1, le=366, description="Out-of-time days evaluated after each window; default one period."
+    )
+    champion: Literal["chain", "served"] = Field(
+        default="chain",
+        description="Compared with: the last model this backtest would have promoted (chain), or the version "
+        "that really served production at the window's end (served, from the audit events).",
+    )
+    variants: dict[Annotated[str, Field(pattern=NAME_PATTERN)], BacktestVariant] = Field(default_factory=dict)
+
+    @field_validator("variants")
+    @classmethod
+    def _baseline_is_reserved(cls, value: dict[str, BacktestVariant]) -> dict[str, BacktestVariant]:
+        if BASELINE_VARIANT in value:
+            raise ValueError(f"'{BASELINE_VARIANT}' is the line's own training: name the variant something else")
+        return value
+
+
 class Alerting(_Strict):
     emails: list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(default_factory=list)
     on_failure: bool = True
@@ -314,6 +348,7 @@ class ModelLineConfig(_Strict):
     review: Review
     deploy: Deploy
     alerting: Alerting = Field(default_factory=Alerting)
+    backtest: Backtest = Field(default_factory=Backtest)
 
     @property
     def lifecycle_dag_id(self) -> str:
@@ -334,6 +369,18 @@ class ModelLineConfig(_Strict):
     def entrypoint_path(self) -> Path:
         return paths.include_dir() / self.train.entrypoint
 
+    @property
+    def backtest_experiment(self) -> str:
+        """Backtest runs live beside the line's experiment, never among its registered versions."""
+        return f"{self.registry.experiment}-backtests"
+
+    def backtest_variant(self, name: str) -> tuple[str, dict[str, Any]]:
+        """(entrypoint relative to include/, effective parameters) of a backtest variant; KeyError if unknown."""
+        if name == BASELINE_VARIANT:
+            return self.train.entrypoint, dict(self.train.parameters)
+        variant = self.backtest.variants[name]
+        return variant.entrypoint or self.train.entrypoint, {**self.train.parameters, **variant.parameters}
+
     @model_validator(mode="after")
     def _files_exist_and_match(self) -> ModelLineConfig:
         problems = []
@@ -351,6 +398,12 @@ class ModelLineConfig(_Strict):
             problems.append(
                 f"train.entrypoint: file {self.entrypoint_path} does not exist (paths are relative to include/)"
             )
+        for name, variant in self.backtest.variants.items():
+            if variant.entrypoint and not (paths.include_dir() / variant.entrypoint).is_file():
+                problems.append(
+                    f"backtest.variants.{name}.entrypoint: file {paths.include_dir() / variant.entrypoint} does not "
+                    "exist (paths are relative to include/)"
+                )
         if (self.review.backend == "gitlab") != (self.deploy.backend == "gitlab_ci"):
             problems.append(
                 f"review.backend '{self.review.backend}' and deploy.backend '{self.deploy.backend}' do not go "

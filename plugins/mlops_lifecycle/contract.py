@@ -5,7 +5,7 @@ Each stage of a model line's lifecycle has a production backend and an embedded 
 here as a ``TypedDict`` (XCom stores it as plain JSON, readable in the Airflow UI; ``mypy`` checks every
 read of it). Fields a backend may leave out are ``NotRequired`` and read with ``.get``.
 
-    route    -> RunRoute          extract  -> Snapshot          train  -> Candidate         gate -> GateOutcome
+    route    -> (the branch)      extract  -> Snapshot          train  -> Candidate         gate -> GateOutcome
     stage    -> Staging           open_review -> Review         approve (+ merge) -> Approval, Merge
     deploy   -> Deployment (GitLab CI: CIPipeline first)  verify -> Verification   promote -> Promotion
 
@@ -18,14 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Literal, NotRequired, Protocol, TypedDict
-
-
-class RunRoute(TypedDict):
-    """route: this run goes on to the lifecycle (a backfill or a superseded run is skipped instead)."""
-
-    route: Literal["lifecycle"]
-    run_key: str
-    run_type: str  # scheduled, manual, asset_triggered
 
 
 class Snapshot(TypedDict):
@@ -41,6 +33,7 @@ class Snapshot(TypedDict):
     train_start: str  # the training data [train_start, window_end), holdout from holdout_start
     holdout_start: str
     window_end: str
+    data_end: NotRequired[str]  # a backtest's snapshot runs past window_end to the end of the horizon
     table: NotRequired[str]  # BigQuery: the snapshot table
     job_id: NotRequired[str]  # BigQuery: the query job that wrote it
 
@@ -59,6 +52,20 @@ class Candidate(TypedDict):
     snapshot: str  # the snapshot's uri
     window: str  # human-readable training window
     holdout_start: str
+
+
+class BacktestRun(TypedDict):
+    """backtest_train, backtest_baseline: a model trained on the window and evaluated on the horizon after it."""
+
+    backtest_id: str
+    variant: str
+    run_id: str
+    experiment_id: str
+    run_key: str  # <window run key>@<backtest id>
+    window_end: str  # ISO date: end of the training window, start of the horizon
+    horizon_end: str  # ISO date, exclusive
+    horizon: str  # complete | missing (not in the data yet: reported, not failed)
+    snapshot: str  # holds the window and the horizon
 
 
 class RuleOutcome(TypedDict):

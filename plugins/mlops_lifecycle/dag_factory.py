@@ -5,8 +5,10 @@ The lifecycle DAG::
     route >> extract >> train >> gate >> stage >> <review and deploy> >> verify_serving >> promote
     (every step after stage that may fail) --one_failed--> restore_staging
 
-``route`` skips the whole run when it must not change production (a backfill, or a window older than
-production's); later steps check again before they deploy or promote.
+``route`` sends a backfill run to the backtest instead (``backtest_extract >> backtest_baseline >>
+backtest_train >> backtest_report``: nothing there writes to the registry, the deployment repository or
+the service) and skips a run whose window is older than production's; later steps check again before
+they deploy or promote.
 
 Which operator runs a stage is looked up in one table per stage, keyed by the YAML value that names
 the backend (``extract.warehouse``, ``train.backend``). Review and deploy go together (GitLab CI deploys
@@ -34,6 +36,7 @@ from airflow.sdk import DAG, BaseOperator, CronDataIntervalTimetable, TriggerRul
 from mlops_lifecycle import paths
 from mlops_lifecycle.config import ModelLineConfig, load_model_lines
 from mlops_lifecycle.exceptions import ModelLineConfigError
+from mlops_lifecycle.operators.backtest import BacktestReportOperator
 from mlops_lifecycle.operators.deploy_gitlab_ci import AwaitDeploymentsOperator, AwaitPipelineOperator
 from mlops_lifecycle.operators.deploy_local_process import LocalDeployOperator
 from mlops_lifecycle.operators.extract import ExtractOperator
@@ -156,6 +159,29 @@ DELIVERY: dict[tuple[str, str], Callable[[dict[str, Any], BaseOperator, BaseOper
 }
 
 
+def _backtest(config: ModelLineConfig, common: dict[str, Any]) -> BaseOperator:
+    """A backfill run's branch: the window and its horizon, the baseline and the variant trained on it, the report.
+
+    The same extract and training backends as the lifecycle; nothing here writes to the registry, the
+    deployment repository or the service. Returns the branch's first task.
+    """
+    extract = EXTRACT[config.extract.warehouse](task_id="backtest_extract", with_horizon=True, **common)
+    timeout = timedelta(minutes=config.train.timeout_minutes)
+    train = TRAIN[config.train.backend]
+    # the baseline first: when the backfill backtests the baseline itself, backtest_train finds its run
+    baseline = train(
+        task_id="backtest_baseline", snapshot=extract.output, backtest="baseline", execution_timeout=timeout, **common
+    )
+    challenger = train(
+        task_id="backtest_train", snapshot=extract.output, backtest="conf", execution_timeout=timeout, **common
+    )
+    report = BacktestReportOperator(
+        task_id="backtest_report", challenger=challenger.output, baseline=baseline.output, **common
+    )
+    extract >> baseline >> challenger >> report
+    return extract
+
+
 def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
     """retrain-and-promote: data window -> trained, gated, reviewed, deployed, verified, promoted model."""
     tz = config.schedule.timezone
@@ -182,7 +208,7 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         common: dict[str, Any] = {"config": config}
         route = RouteRunOperator(task_id="route", **common)
         extract = EXTRACT[config.extract.warehouse](task_id="extract", **common)
-        route >> extract
+        route >> [extract, _backtest(config, common)]
         train = TRAIN[config.train.backend](
             task_id="train",
             snapshot=extract.output,

@@ -58,6 +58,10 @@ class Superseded(LifecycleDecision):
     """Production already serves a model of a later (or the same) data window: this run deploys nothing."""
 
 
+class BacktestRequestInvalid(LifecycleDecision):
+    """A backfill's run conf asks for a backtest the line does not declare (an unknown variant or key)."""
+
+
 class MergeConflict(LifecycleDecision):
     """A review branch conflicts with main: the merge is aborted and the repository left as it was."""
 

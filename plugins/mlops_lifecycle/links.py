@@ -50,3 +50,8 @@ class GitLabPipelineLink(_RecordedLink):
 class DatabricksRunLink(_RecordedLink):
     name = "Databricks run"
     key = "databricks_run"
+
+
+class BacktestReportLink(_RecordedLink):
+    name = "Backtest report"
+    key = "backtest_report"

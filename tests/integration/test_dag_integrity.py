@@ -95,9 +95,11 @@ def test_lifecycle_shape_tags_owner_and_retries(shipped):
         "verify_serving",
         "promote",
     ]
-    assert set(dag["tasks"]) == {*chain, "restore_staging"}
-    for upstream, downstream in zip(chain, chain[1:], strict=False):
+    backtest = ["backtest_extract", "backtest_baseline", "backtest_train", "backtest_report"]
+    assert set(dag["tasks"]) == {*chain, "restore_staging", *backtest}
+    for upstream, downstream in [*zip(chain, chain[1:], strict=False), *zip(backtest, backtest[1:], strict=False)]:
         assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
+    assert set(dag["downstream"]["route"]) == {"extract", "backtest_extract"}  # a backfill branches to the backtest
     assert dag["downstream"]["promote"] == []  # a leaf: a failed promotion fails the run
     for task in ("open_review", "approve_review", "merge_review", "deploy", "verify_serving"):
         assert "restore_staging" in dag["downstream"][task]
@@ -142,6 +144,13 @@ def test_production_adapters_build_their_dag_without_importing_providers_or_clie
     chain += ["await_deployments", "verify_serving", "promote"]
     for upstream, downstream in zip(chain, chain[1:], strict=False):
         assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
-    assert set(dag["tasks"]) == {*chain, "restore_staging"}
+    assert set(dag["tasks"]) == {
+        *chain,
+        "restore_staging",
+        "backtest_extract",
+        "backtest_baseline",
+        "backtest_train",
+        "backtest_report",
+    }
     for task in ("open_review", "await_merge", "await_pipeline", "await_deployments", "verify_serving"):
         assert "restore_staging" in dag["downstream"][task]

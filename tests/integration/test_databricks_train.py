@@ -338,7 +338,8 @@ def test_submit_payload_pins_the_commit_and_passes_the_local_arguments(setup, mo
             pass
 
     monkeypatch.setattr("mlops_lifecycle.adapters.local_process.LocalProcess", Recorder)
-    LocalProcessTrainOperator(task_id="train", config=config, snapshot=SNAPSHOT)._train(context(), window)
+    local = LocalProcessTrainOperator(task_id="train", config=config, snapshot=SNAPSHOT)
+    local._train(context(), window, local.job(context(), window))
     [local_argv] = captured
     local_args = local_argv[2:]  # [python, entrypoint, *args]
     remote_args = python["parameters"]
@@ -372,7 +373,9 @@ def test_submit_payload_pins_the_commit_and_passes_the_local_arguments(setup, mo
     assert run.used_commit == setup.repo.commit
 
     # the same run key gives the same token on any operator instance
-    assert operator(config).run_payload(context(), window)["idempotency_token"] == body["idempotency_token"]
+    another = operator(config)
+    payload = another.run_payload(context(), window, another.job(context(), window))
+    assert payload["idempotency_token"] == body["idempotency_token"]
 
 
 def test_token_only_as_a_databricks_secret_reference(setup, monkeypatch) -> None:
@@ -595,7 +598,8 @@ def test_run_now_passes_the_same_arguments_as_python_params_once(setup) -> None:
     body = bodies[0]
     assert int(body["job_id"]) == job_id
     # the job checks out its own git_source: the revision is read back from the run when it ends
-    assert body["python_params"] == op.entrypoint_args(context(), window, JOB_DEFINED_REVISION)
+    job = op.job(context(), window)
+    assert body["python_params"] == op.entrypoint_args(context(), window, job, JOB_DEFINED_REVISION)
     assert body["idempotency_token"] == idempotency_token(window.run_key)
     assert set(body) == {"job_id", "python_params", "idempotency_token"}
     assert setup.request_bodies(SUBMIT) == []
@@ -649,7 +653,8 @@ def test_python_file_is_relative_when_include_is_the_repository_root(setup) -> N
     config = setup.config(lambda raw: raw["train"]["source"].update(include_path=""))
     op = operator(config)
 
-    payload = op.run_payload(context(), op.window(context()))
+    window = op.window(context())
+    payload = op.run_payload(context(), window, op.job(context(), window))
 
     assert payload["tasks"][0]["spark_python_task"]["python_file"] == ENTRYPOINT
 
@@ -658,8 +663,8 @@ def test_notebook_and_wheel_tasks_carry_the_same_arguments(setup) -> None:
     """The stand-in runs only Python files; the other task types are checked as the requests we send."""
     notebook = operator(setup.config(lambda raw: raw["train"].update(task="notebook")))
     window = notebook.window(context())
-    args = notebook.entrypoint_args(context(), window, setup.repo.commit)
-    task = notebook.run_payload(context(), window)["tasks"][0]
+    args = notebook.entrypoint_args(context(), window, notebook.job(context(), window), setup.repo.commit)
+    task = notebook.run_payload(context(), window, notebook.job(context(), window))["tasks"][0]
     assert task["notebook_task"] == {
         "notebook_path": "include/" + ENTRYPOINT.removesuffix(".py"),
         "base_parameters": {"argv": json.dumps(args)},
@@ -668,8 +673,8 @@ def test_notebook_and_wheel_tasks_carry_the_same_arguments(setup) -> None:
 
     wheel = {"package_name": "mlops_training", "entry_point": "demand_forecast"}
     op = operator(setup.config(lambda raw: raw["train"].update(task="wheel", wheel=wheel)))
-    payload = op.run_payload(context(), window)
-    args = op.entrypoint_args(context(), window, setup.repo.commit)
+    payload = op.run_payload(context(), window, op.job(context(), window))
+    args = op.entrypoint_args(context(), window, op.job(context(), window), setup.repo.commit)
     assert payload["tasks"][0]["python_wheel_task"] == {**wheel, "parameters": args}
     assert payload["git_source"]["git_commit"] == setup.repo.commit and setup.standin.log == []
 

@@ -7,6 +7,7 @@ query) the first try made.
 
 from __future__ import annotations
 
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from mlops_lifecycle.operators.base import LifecycleOperator
@@ -17,9 +18,28 @@ if TYPE_CHECKING:
 
 
 class ExtractOperator(LifecycleOperator):
-    """Base of the extract backends (``extract.warehouse``)."""
+    """Base of the extract backends (``extract.warehouse``).
+
+    ``with_horizon``: a backtest's snapshot, which runs on past the window to the end of the horizon
+    (``backtest.horizon_days`` after it) so the model can be evaluated out of time.
+    """
 
     ui_color = "#fff3d6"
+
+    def __init__(self, *, with_horizon: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.with_horizon = with_horizon
+
+    def data_end(self, window: DataWindow) -> date:
+        """Exclusive end of the data to extract: the window's end, or the horizon's in a backtest."""
+        if not self.with_horizon:
+            return window.window_end
+        from mlops_lifecycle.backtest import horizon_days
+
+        return window.window_end + timedelta(days=horizon_days(self.config, window.interval_start, window.interval_end))
+
+    def snapshot_suffix(self, window: DataWindow) -> str:
+        return f"__to{self.data_end(window):%Y%m%d}" if self.with_horizon else ""
 
     def log_window(self, window: DataWindow) -> None:
         self.log.info(
@@ -44,3 +64,6 @@ class ExtractOperator(LifecycleOperator):
         }
         out.update(backend)  # type: ignore[typeddict-item]
         return out
+
+    def backtest_fields(self, window: DataWindow) -> dict[str, str]:
+        return {"data_end": self.data_end(window).isoformat()} if self.with_horizon else {}

@@ -62,9 +62,9 @@ class BigQueryExtractOperator(ExtractOperator):
 
         cfg, window = self.extract_cfg, self.window(context)
         self.log_window(window)
-        table = snapshot_table(cfg, window)
+        table = snapshot_table(cfg, window) + self.snapshot_suffix(window)
         project, dataset, table_id = table.split(".")
-        sql = render_sql(self.config.sql_path.read_text(), dict(cfg.tables), window.train_start, window.window_end)
+        sql = render_sql(self.config.sql_path.read_text(), dict(cfg.tables), window.train_start, self.data_end(window))
         configuration = {
             "query": {
                 "query": sql,
@@ -80,7 +80,7 @@ class BigQueryExtractOperator(ExtractOperator):
                 "airflow-run": label(context["ti"].run_id),
             },
         }
-        base_id = job_id_for(window.run_key, context["ti"].run_id)
+        base_id = job_id_for(window.run_key + self.snapshot_suffix(window), context["ti"].run_id)
         self.log.info("Run key %s: snapshot %s, query job %s", window.run_key, table, base_id)
         job, reused = self._find_or_submit(base_id, configuration, table)
         self._job_id = job.job_id
@@ -117,7 +117,7 @@ class BigQueryExtractOperator(ExtractOperator):
 
     def _result(self, context: Context, job_id: str, reused: bool) -> Snapshot:
         window = self.window(context)
-        table = snapshot_table(self.extract_cfg, window)
+        table = snapshot_table(self.extract_cfg, window) + self.snapshot_suffix(window)
         client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
         rows = client.get_table(table).num_rows
         if not rows:
@@ -127,7 +127,9 @@ class BigQueryExtractOperator(ExtractOperator):
                 f"Snapshot {table} (job {job_id}) is empty: the SQL returned no rows for {window.label}"
             )
         self.log.info("Snapshot %s: %s rows (job %s%s)", table, rows, job_id, ", reused" if reused else "")
-        return self.snapshot(window, f"bq://{table}", rows, reused, table=table, job_id=job_id)
+        return self.snapshot(
+            window, f"bq://{table}", rows, reused, table=table, job_id=job_id, **self.backtest_fields(window)
+        )
 
     def _find_or_submit(self, base_id: str, configuration: dict[str, Any], table: str) -> tuple[Any, bool]:
         """(job, reused): the window's running or succeeded job, or a newly inserted one."""

@@ -5,6 +5,7 @@ The snapshot is a parquet file per window under the local warehouse (``adapters.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from mlops_lifecycle import paths
@@ -25,13 +26,16 @@ class DuckDBExtractOperator(ExtractOperator):
         window = self.window(context)
         self.log_window(window)
         warehouse = LocalWarehouse(paths.local_home() / "warehouse")
-        warehouse.ensure_sample_data(through=window.window_end)
+        # the sample data is generated for whole years: a backtest's horizon never reaches past today,
+        # as it would not in a real warehouse
+        end = min(self.data_end(window), datetime.now(UTC).date())
+        warehouse.ensure_sample_data(through=end)
         # history before the window is needed for lag features: the SQL reads it itself
         made = warehouse.snapshot(
             sql_template=self.config.sql_path.read_text(),
             tables=dict(self.config.extract.tables),
             window_start=window.train_start,
-            window_end=window.window_end,
-            name=window.run_key.replace("/", "__"),
+            window_end=end,
+            name=window.run_key.replace("/", "__") + self.snapshot_suffix(window),
         )
-        return self.snapshot(window, made.uri, made.rows, made.reused)
+        return self.snapshot(window, made.uri, made.rows, made.reused, **self.backtest_fields(window))

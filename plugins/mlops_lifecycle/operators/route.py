@@ -1,45 +1,56 @@
-"""route: the first task of every lifecycle run decides whether this run may change production at all.
+"""route: the first task of every lifecycle run decides what the run may do.
 
-- A **backfill** run is a backtest: it never stages, reviews, deploys or promotes (whatever its window).
+- A **backfill** run is a backtest: it branches to ``backtest_extract``, which trains and evaluates the
+  window out of time and never stages, reviews, deploys or promotes (whatever its window). The variant it
+  backtests comes from the run conf (``{"variant": NAME}``), checked here against the line's YAML.
 - A run whose window ends **before** the window of the version production serves is superseded (a
-  scheduled catch-up run, or an old run someone cleared): nothing is trained, nothing deployed.
-Both end here, skipped, with the reason in the log; the run is green, since nothing went wrong. Every
-other run goes on to extract. The check is repeated before each deploy step and at promotion, since
-production can move while a run waits (``LifecycleOperator.ensure_not_superseded``).
+  scheduled catch-up run, or an old run someone cleared): skipped, nothing trained, nothing deployed.
+- Every other run branches to the lifecycle (``extract``).
+A skipped run is green, since nothing went wrong; the log says why. The check against production is
+repeated before each deploy step and at promotion (``LifecycleOperator.ensure_not_superseded``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from airflow.providers.standard.operators.branch import BranchMixIn
 from airflow.sdk.exceptions import AirflowSkipException
 
+from mlops_lifecycle.exceptions import BacktestRequestInvalid
 from mlops_lifecycle.operators.base import LifecycleOperator
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from mlops_lifecycle.contract import RunRoute
-
 BACKFILL = "backfill"
+LIFECYCLE_START, BACKTEST_START = "extract", "backtest_extract"
 
 
-class RouteRunOperator(LifecycleOperator):
-    """Let the run through to the lifecycle, or skip it (backfill, or superseded) saying why."""
+class RouteRunOperator(LifecycleOperator, BranchMixIn):
+    """Branch to the lifecycle or to the backtest, or skip the run (superseded) saying why."""
 
     ui_color = "#f0f0f0"
 
-    def execute(self, context: Context) -> RunRoute:
+    def execute(self, context: Context) -> Any:
+        from mlops_lifecycle.backtest import BacktestConfError, variant_from_conf
+
         window = self.window(context)
         dag_run = context["dag_run"]
         run_type = str(getattr(dag_run.run_type, "value", dag_run.run_type))
         if run_type == BACKFILL:
-            raise AirflowSkipException(
-                f"Backfill run for {window.run_key}: a backfill is a backtest and never stages, reviews, deploys or "
-                "promotes; nothing done (this release does not run backtests yet)."
+            try:
+                variant = variant_from_conf(self.config, getattr(dag_run, "conf", None))
+            except BacktestConfError as exc:
+                raise BacktestRequestInvalid(f"Backfill run for {window.run_key}: {exc}") from None
+            self.log.info(
+                "Backfill run for %s: a backtest of variant '%s' (stages, reviews, deploys and promotes nothing)",
+                window.run_key,
+                variant,
             )
+            return self.do_branch(context, BACKTEST_START)
         because = self.superseded_because(window.run_key)
         if because:
             raise AirflowSkipException(f"Run for {window.run_key} {because}; nothing trained")
         self.log.info("Run key %s (%s run): on to the lifecycle", window.run_key, run_type)
-        return {"route": "lifecycle", "run_key": window.run_key, "run_type": run_type}
+        return self.do_branch(context, LIFECYCLE_START)

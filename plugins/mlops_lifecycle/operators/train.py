@@ -1,56 +1,133 @@
-"""train: what both training backends share. XCom: :class:`mlops_lifecycle.contract.Candidate`.
+"""train: what both training backends share. XCom: :class:`mlops_lifecycle.contract.Candidate`, or
+:class:`mlops_lifecycle.contract.BacktestRun` for the backtest's training.
 
 Both run the line's training entrypoint with the same arguments (``entrypoint_args``); it logs params,
 metrics, the model and its reference profile to MLflow, scores the current production model on the
 same holdout, and registers a version, all tagged with the run key. So a retry, on either backend,
 finds the finished run (``trained_run``) instead of training twice.
+
+In a backtest (``backtest=`` set) the same entrypoint trains the same way on the window, then evaluates
+on the horizon after it and registers nothing; the run goes to the line's backtest experiment under the
+key ``<run key>@<backtest id>``, so a re-run of the backfill finds it too.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
 
 from mlops_lifecycle.exceptions import TrainingFailed
 from mlops_lifecycle.links import MlflowModelVersionLink, MlflowRunLink
-from mlops_lifecycle.operators.base import LifecycleOperator, Upstream
+from mlops_lifecycle.operators.base import LifecycleOperator, Upstream, code_revision
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperatorLink, Context
 
-    from mlops_lifecycle.contract import Candidate, Snapshot
+    from mlops_lifecycle.contract import BacktestRun, Candidate, Snapshot
     from mlops_lifecycle.window import DataWindow
 
 
+@dataclass(frozen=True)
+class TrainingJob:
+    """What one training task trains: where it is recorded, with which entrypoint and parameters."""
+
+    run_key: str  # the MLflow run's lifecycle.run_key: found again by a retry or a re-run
+    experiment: str
+    entrypoint: str  # relative to include/
+    parameters: dict[str, Any]
+    backtest_id: str | None = None  # None: the lifecycle
+    variant: str | None = None
+    horizon_end: str | None = None  # ISO date, exclusive
+
+
 class TrainOperator(LifecycleOperator):
-    """Base of the training backends (``train.backend``): find the run key's trained run, or train it."""
+    """Base of the training backends (``train.backend``): find the run key's trained run, or train it.
+
+    ``backtest``: None for the lifecycle's training; ``"conf"`` to train the variant a backfill asked for
+    in its run conf; ``"baseline"`` to train the line's own configuration in a backtest.
+    """
 
     template_fields = ("snapshot",)
     operator_extra_links: tuple[BaseOperatorLink, ...] = (MlflowRunLink(), MlflowModelVersionLink())
     ui_color = "#dff5e3"
 
-    def __init__(self, *, snapshot: Upstream, **kwargs: Any) -> None:
+    def __init__(
+        self, *, snapshot: Upstream, backtest: Literal["conf", "baseline"] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.snapshot: Snapshot = snapshot
+        self.backtest = backtest
 
-    def trained_run(self, window: DataWindow, required: bool = False) -> Any:
-        """The finished, registered MLflow run of this run key, if training already happened."""
-        experiment = self.config.registry.experiment
-        run = self.registry.find_run(experiment, window.run_key)
-        if run is not None and run.data.tags.get("lifecycle.registered_version"):
+    def job(self, context: Context, window: DataWindow) -> TrainingJob:
+        cfg = self.config
+        if self.backtest is None:
+            return TrainingJob(
+                window.run_key, cfg.registry.experiment, cfg.train.entrypoint, dict(cfg.train.parameters)
+            )
+        from mlops_lifecycle.backtest import backtest_id, horizon_days, variant_from_conf
+        from mlops_lifecycle.config import BASELINE_VARIANT
+
+        conf = getattr(context.get("dag_run"), "conf", None)
+        variant = BASELINE_VARIANT if self.backtest == "baseline" else variant_from_conf(cfg, conf)
+        entrypoint, parameters = cfg.backtest_variant(variant)
+        ident = backtest_id(cfg, variant, code_revision())
+        days = horizon_days(cfg, window.interval_start, window.interval_end)
+        return TrainingJob(
+            run_key=f"{window.run_key}@{ident}",
+            experiment=cfg.backtest_experiment,
+            entrypoint=entrypoint,
+            parameters=parameters,
+            backtest_id=ident,
+            variant=variant,
+            horizon_end=(window.window_end + timedelta(days=days)).isoformat(),
+        )
+
+    def trained_run(self, job: TrainingJob, required: bool = False) -> Any:
+        """The finished MLflow run of this job's run key (registered, for the lifecycle), if it trained already."""
+        run = self.registry.find_run(job.experiment, job.run_key)
+        if run is not None and (job.backtest_id or run.data.tags.get("lifecycle.registered_version")):
             if not required:
                 self.log.info(
                     "Run key %s already trained in MLflow run %s: reusing it, not training again",
-                    window.run_key,
+                    job.run_key,
                     run.info.run_id,
                 )
             return run
         if required:
             raise TrainingFailed(
-                f"Training for {window.run_key} ended but no finished, registered MLflow run carries "
-                f"that run key in experiment '{experiment}'"
+                f"Training for {job.run_key} ended but no finished{'' if job.backtest_id else ', registered'} "
+                f"MLflow run carries that run key in experiment '{job.experiment}'"
             )
         return None
+
+    def result(self, window: DataWindow, job: TrainingJob, run: Any) -> Candidate | BacktestRun:
+        """What the task hands on: the candidate version, or the backtest's run for the report."""
+        if job.backtest_id is None:
+            return self.candidate(window, run)
+        self.set_link(MlflowRunLink.key, self.registry.run_url(run.info.experiment_id, run.info.run_id))
+        status = run.data.tags.get("backtest.horizon", "missing")
+        self.log.info(
+            "Backtest %s (%s), window to %s: run %s, horizon to %s %s",
+            job.backtest_id,
+            job.variant,
+            window.window_end,
+            run.info.run_id,
+            job.horizon_end,
+            "evaluated" if status == "complete" else "not in the data yet",
+        )
+        return {
+            "backtest_id": job.backtest_id,
+            "variant": job.variant or "",
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "run_key": job.run_key,
+            "window_end": window.window_end.isoformat(),
+            "horizon_end": job.horizon_end or "",
+            "horizon": status,
+            "snapshot": self.snapshot["uri"],
+        }
 
     def candidate(self, window: DataWindow, run: Any) -> Candidate:
         tags = run.data.tags
@@ -80,19 +157,24 @@ class TrainOperator(LifecycleOperator):
         )
         return candidate
 
-    def entrypoint_args(self, context: Context, window: DataWindow, revision: str) -> list[str]:
+    def entrypoint_args(self, context: Context, window: DataWindow, job: TrainingJob, revision: str) -> list[str]:
         """The entrypoint's command-line arguments: the same locally and on Databricks. No secrets."""
         cfg = self.config
         tags = {**self.airflow_ids(context), "lifecycle.code_revision": revision}
+        if job.backtest_id is not None:
+            tags |= {"backtest.variant": job.variant or "", "backtest.window_end": window.window_end.isoformat()}
+        backtest = []
+        if job.backtest_id is not None:
+            backtest = ["--backtest-id", job.backtest_id, "--horizon-end", str(job.horizon_end)]
         return [
             "--snapshot",
             self.snapshot["uri"],
             "--run-key",
-            window.run_key,
+            job.run_key,
             "--model-line",
             cfg.model_line,
             "--experiment",
-            cfg.registry.experiment,
+            job.experiment,
             "--registered-model",
             cfg.registry.model_name,
             "--production-alias",
@@ -106,7 +188,8 @@ class TrainOperator(LifecycleOperator):
             "--target",
             cfg.train.target,
             "--params",
-            json.dumps(cfg.train.parameters),
+            json.dumps(job.parameters),
             "--tags",
             json.dumps(tags),
+            *backtest,
         ]

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from airflow.providers.databricks.hooks.databricks import DatabricksHook
     from airflow.sdk import Context
 
-    from mlops_lifecycle.contract import Candidate
+    from mlops_lifecycle.contract import BacktestRun, Candidate
+    from mlops_lifecycle.operators.train import TrainingJob
     from mlops_lifecycle.window import DataWindow
 
 
@@ -55,18 +56,19 @@ class DatabricksTrainOperator(TrainOperator):
 
         return DatabricksHook(self.train_cfg.databricks_conn_id, caller=type(self).__name__)
 
-    def execute(self, context: Context) -> Candidate:
+    def execute(self, context: Context) -> Candidate | BacktestRun:
         window = self.window(context)
-        run = self.trained_run(window)
+        job = self.job(context, window)
+        run = self.trained_run(job)
         if run is not None:
-            return self.candidate(window, run)
-        payload = self.run_payload(context, window)
+            return self.result(window, job, run)
+        payload = self.run_payload(context, window, job)
         run_id = self._attach_or_submit(payload)
         self._run_id = run_id
         token = payload["idempotency_token"]
         url = self.databricks.get_run_page_url(run_id)
         self.set_link(DatabricksRunLink.key, url)
-        self.log.info("Databricks run %s (idempotency token %s) trains %s: %s", run_id, token, window.run_key, url)
+        self.log.info("Databricks run %s (idempotency token %s) trains %s: %s", run_id, token, job.run_key, url)
         from airflow.providers.databricks.triggers.databricks import DatabricksExecutionTrigger
 
         self.defer(
@@ -81,29 +83,30 @@ class DatabricksTrainOperator(TrainOperator):
             timeout=self.execution_timeout,
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> Candidate:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Candidate | BacktestRun:
         from airflow.providers.databricks.hooks.databricks import RunState
 
         url = event.get("run_page_url")
         self.set_link(DatabricksRunLink.key, url)
         state = RunState.from_json(event["run_state"])
         window = self.window(context)
+        job = self.job(context, window)
         if not state.is_successful:
             errors = "; ".join(f"{e.get('task_key')}: {e.get('error')}" for e in event.get("errors") or [])
             raise TrainingFailed(
-                f"Databricks run {event.get('run_id')} for {window.run_key} ended {state.life_cycle_state}/"
+                f"Databricks run {event.get('run_id')} for {job.run_key} ended {state.life_cycle_state}/"
                 f"{state.result_state}: {state.state_message} {errors}".strip()
                 + f". Run page: {url}. Registry unchanged."
             )
         self.log.info("Databricks run %s succeeded: %s", event.get("run_id"), url)
-        run = self.trained_run(window, required=True)
+        run = self.trained_run(job, required=True)
         if run.data.tags.get("lifecycle.code_revision") == JOB_DEFINED_REVISION:
             # run-now: record the commit the job really checked out, not what this deployment holds
             used = (self.databricks.get_run(event["run_id"]).get("git_source") or {}).get("git_snapshot", {})
             revision = used.get("used_commit") or f"unknown (job {self.train_cfg.job_id} has no git_source)"
             self.registry.set_run_tags(run.info.run_id, {"lifecycle.code_revision": revision})
-            run = self.trained_run(window, required=True)
-        return self.candidate(window, run)
+            run = self.trained_run(job, required=True)
+        return self.result(window, job, run)
 
     def _attach_or_submit(self, payload: dict[str, Any]) -> int:
         """Submit under the run key's token; after a failed run, under the next token of the chain.
@@ -132,19 +135,19 @@ class DatabricksTrainOperator(TrainOperator):
             )
         raise TrainingFailed(f"{MAX_ATTEMPTS} Databricks runs for token {base} failed; see their run pages")
 
-    def run_payload(self, context: Context, window: DataWindow) -> dict[str, Any]:
+    def run_payload(self, context: Context, window: DataWindow, job: TrainingJob) -> dict[str, Any]:
         """The Jobs 2.2 request: no secret values, only references to Databricks secrets."""
         cfg = self.train_cfg
         # run-now: the job checks out its own git_source; the commit that ran is read back afterwards
         revision = full_code_revision() if cfg.job_id is None else JOB_DEFINED_REVISION
-        args = self.entrypoint_args(context, window, revision)
-        token = idempotency_token(window.run_key)
+        args = self.entrypoint_args(context, window, job, revision)
+        token = idempotency_token(job.run_key)
         timeout = cfg.timeout_minutes * 60
         if cfg.job_id is not None:
             return {"job_id": cfg.job_id, "python_params": args, "idempotency_token": token}
         task: dict[str, Any] = {"task_key": "train", "libraries": list(cfg.libraries)}
         in_repo = "/".join(
-            part for part in (cfg.source.include_path.strip("/") if cfg.source else "", cfg.entrypoint) if part
+            part for part in (cfg.source.include_path.strip("/") if cfg.source else "", job.entrypoint) if part
         )
         if cfg.task == "python_file":
             task["spark_python_task"] = {
@@ -173,7 +176,7 @@ class DatabricksTrainOperator(TrainOperator):
                 )
             task["existing_cluster_id"] = cfg.existing_cluster_id
         payload: dict[str, Any] = {
-            "run_name": f"{self.config.model_line} training {window.run_key}",
+            "run_name": f"{self.config.model_line} training {job.run_key}",
             "tasks": [task],
             "timeout_seconds": timeout,
             "idempotency_token": token,

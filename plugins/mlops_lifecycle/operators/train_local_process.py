@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from mlops_lifecycle.adapters.local_process import LocalProcess
-    from mlops_lifecycle.contract import Candidate
+    from mlops_lifecycle.contract import BacktestRun, Candidate
+    from mlops_lifecycle.operators.train import TrainingJob
     from mlops_lifecycle.window import DataWindow
 
 
@@ -28,22 +29,25 @@ class LocalProcessTrainOperator(TrainOperator):
         super().__init__(**kwargs)
         self._process: LocalProcess | None = None
 
-    def execute(self, context: Context) -> Candidate:
+    def execute(self, context: Context) -> Candidate | BacktestRun:
         window = self.window(context)
-        run = self.trained_run(window)
+        job = self.job(context, window)
+        run = self.trained_run(job)
         if run is None:
-            self._train(context, window)
-            run = self.trained_run(window, required=True)
-        return self.candidate(window, run)
+            self._train(context, window, job)
+            run = self.trained_run(job, required=True)
+        return self.result(window, job, run)
 
-    def _train(self, context: Context, window: DataWindow) -> None:
+    def _train(self, context: Context, window: DataWindow, job: TrainingJob) -> None:
+        from mlops_lifecycle import paths
         from mlops_lifecycle.adapters.local_process import LocalProcess, ProcessFailed
 
         cfg = self.config
-        argv = [sys.executable, str(cfg.entrypoint_path), *self.entrypoint_args(context, window, code_revision())]
+        entrypoint = paths.include_dir() / job.entrypoint
+        argv = [sys.executable, str(entrypoint), *self.entrypoint_args(context, window, job, code_revision())]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update(self.registry.process_env())
-        self._process = LocalProcess(argv, env, cwd=str(cfg.entrypoint_path.parent))
+        self._process = LocalProcess(argv, env, cwd=str(entrypoint.parent))
         self.log.info(
             "Training %s on %s (%d rows) in a local process",
             cfg.model_line,
@@ -53,7 +57,7 @@ class LocalProcessTrainOperator(TrainOperator):
         try:
             self._process.run(timeout_seconds=cfg.train.timeout_minutes * 60)
         except ProcessFailed as exc:
-            message = f"Training entrypoint {cfg.train.entrypoint} for {window.run_key} failed: {exc}"
+            message = f"Training entrypoint {job.entrypoint} for {job.run_key} failed: {exc}"
             if exc.returncode == 2:  # the entrypoint's code for "bad input": not retried
                 raise TrainingInputError(message) from None
             raise TrainingFailed(message) from None
