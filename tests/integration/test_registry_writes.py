@@ -139,3 +139,37 @@ def test_a_second_writer_moving_production_stops_promotion_before_anything_is_wr
 
     assert line.registry.alias_version(line.name, "production") == "3"
     assert dict(client.get_model_version(line.name, "2").tags) == before, "promotion wrote to the record"
+
+
+def test_mlflow_unreachable_at_promote_says_what_serves_and_how_to_finish(line, monkeypatch) -> None:
+    import json
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    import devstack
+    from mlops_lifecycle.exceptions import LifecycleError
+
+    nobody = devstack.free_port()  # nothing listens there: MLflow is down
+    down = {"conn_type": "http", "extra": {"tracking_uri": f"http://127.0.0.1:{nobody}"}}
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DOWN", json.dumps(down))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    promote = PromoteOperator(
+        task_id="promote",
+        config=line.config,
+        mlflow_conn_id="mlflow_down",
+        candidate=candidate(line, "2", "1"),
+        review={"review_id": "r", "branch": "b", "commit": "c", "repository": "x"},
+        approval={"decision": "approved", "approved_by": ["ann"], "approved_at": "2026-10-09T10:00:00+00:00"},
+        merge={"merge_commit": "m" * 40, "review_id": "r"},
+        deployment={"service_url": "http://127.0.0.1:9", "revision": "m", "deployments": {"production": "d"}},
+        verification={"url": "http://127.0.0.1:9", "served_version": "2"},
+    )
+
+    with pytest.raises(LifecycleError) as raised:
+        promote.execute(context("manual__a"))
+
+    message = str(raised.value)
+    assert not isinstance(raised.value, AirflowFailException), "MLflow coming back is worth a retry"
+    assert f"while promoting {line.name} v2: production already serves it (verified at http://127.0.0.1:9)" in message
+    assert "may still say v1" in message and "clearing promote finishes it" in message

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlops_lifecycle.audit import find_event, latest_event
 from mlops_lifecycle.deployment_repository import changelog_path
-from mlops_lifecycle.exceptions import GateRejected
+from mlops_lifecycle.exceptions import GateRejected, LifecycleError
 from mlops_lifecycle.gate import evaluate_gate
 from mlops_lifecycle.links import MlflowModelVersionLink, MlflowRunLink
 from mlops_lifecycle.operators.base import LifecycleOperator, Upstream
@@ -213,6 +213,21 @@ class PromoteOperator(LifecycleOperator):
         self.verification: Verification = verification
 
     def execute(self, context: Context) -> Promotion:
+        from mlflow.exceptions import MlflowException
+        from requests import RequestException
+
+        try:
+            return self._promote(context)
+        except (MlflowException, RequestException) as exc:
+            c, reg = self.candidate, self.config.registry
+            raise LifecycleError(
+                f"MLflow did not answer while promoting {c['model_name']} v{c['model_version']}: production already "
+                f"serves it (verified at {self.verification['url']}), but the '{reg.production_alias}' alias may "
+                f"still say v{c['production_version'] or 'none'}. Retried; once MLflow is back, clearing promote "
+                f"finishes it (nothing else needs to run again). Cause: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
+
+    def _promote(self, context: Context) -> Promotion:
         from mlops_lifecycle.changelog import render_promotion
 
         c, reg = self.candidate, self.config.registry
