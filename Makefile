@@ -28,7 +28,7 @@ bench: venv  ## parse-time and lifecycle wall-time benchmarks, printed as tables
 up: venv  ## Airflow UI (standalone) on :8080 and MLflow UI on :5000, over the same .local state
 	$(PY) scripts/up.py
 
-down:  ## stop the local model services started by deployments
+down:  ## stop the local model services started by deployments (and the fronts on their stable ports)
 	$(PY) scripts/up.py --stop-services
 
 lint: venv

@@ -185,7 +185,7 @@ def bench_lifecycle() -> None:
     rows = [[t, f"{s:.1f}"] for t, s in sorted(tasks.items(), key=lambda kv: -kv[1]) if s > 0]
     table("One lifecycle run (dag.test, local adapters): task durations", ["task", "seconds"], rows)
     between = wall - sum(tasks.values())
-    work = {"train": train_task, "extract": tasks["extract"], "verify_serving": tasks["verify_serving"]}
+    work = {"train": train_task, "extract": tasks["extract"], "deploy": tasks["deploy"]}
     orchestration = wall - sum(work.values())
     summary = [
         ["trigger to production alias (wall)", f"{wall:.1f}"],
@@ -194,8 +194,8 @@ def bench_lifecycle() -> None:
         ["  of which process start + imports before the run", f"{train_task - mlflow_run:.1f}"],
         ["everything else", f"{wall - train_task:.1f}"],
         ["  extract (sample data on first use, DuckDB query, parquet)", f"{tasks['extract']:.1f}"],
-        ["  verify_serving (service start-up: import, load model, warm-up)", f"{tasks['verify_serving']:.1f}"],
-        ["  orchestration: gate, stage, review, merge, deploy, promote tasks", f"{orchestration - between:.1f}"],
+        ["  deploy (package, new service's start-up: import, load model, warm-up)", f"{tasks['deploy']:.1f}"],
+        ["  orchestration: gate, stage, review, merge, verify, promote tasks", f"{orchestration - between:.1f}"],
         ["  orchestration: Airflow between tasks (wall - sum of tasks)", f"{between:.1f}"],
         ["orchestration overhead < train task", "yes" if orchestration < train_task else "NO"],
     ]

@@ -1,7 +1,7 @@
 """`make up`: the Airflow UI (standalone: API server, scheduler, triggerer, DAG processor) on :8080 and the
 MLflow UI on :5000, over the same .local/ state as `make demo`. Ctrl-C stops both.
 
-`make down` (``--stop-services``) stops the model services that deployments left running.
+`make down` (``--stop-services``) stops the model services that deployments left running, and their fronts.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from mlops_lifecycle.adapters.local_service import LocalServiceDeployer  # noqa:
 
 
 def stop_services() -> None:
+    """Each line's front (the stable port) and services: every line with a state file or a front."""
     deployer = LocalServiceDeployer(paths.local_home())
-    for state in sorted((paths.local_home() / "services").glob("*.json")):
-        deployer.stop(state.stem)
-        print(f"stopped the {state.stem} service")
+    services = paths.local_home() / "services"
+    for line in sorted({path.stem for pattern in ("*.json", "*.front") for path in services.glob(pattern)}):
+        deployer.stop(line)
+        print(f"stopped the {line} service and its front")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -89,23 +89,25 @@ def test_scheduled_run_waits_for_approval_and_service_without_holding_worker_slo
         json={"chosen_options": ["Approve"], "params_input": {}},
     ).raise_for_status()
 
-    seen_verify, slots_while_verifying = set(), []
+    # The new service loads beside the old one while `deploy` is deferred (blue/green); `verify_serving`
+    # then defers too, and finds the stable port already answering as the new version.
+    seen_deploy, slots_while_starting = set(), []
 
     def finished() -> str | None:
         states = task_states(api, run_id)
-        seen_verify.add(states["verify_serving"])
-        if states["verify_serving"] == "deferred":
-            slots_while_verifying.append(running_slots(api))
+        seen_deploy.add(states["deploy"])
+        if states["deploy"] == "deferred":
+            slots_while_starting.append(running_slots(api))
         state = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"]
         return state if state in ("success", "failed") else None
 
     assert wait_for("the run to finish", finished, timeout=300, every=0.3) == "success", task_states(api, run_id)
-    assert "deferred" in seen_verify, f"verify_serving never deferred: {seen_verify}"
+    assert "deferred" in seen_deploy, f"deploy never deferred: {seen_deploy}"
     assert slots_while_reviewing == [0, 0, 0]
-    assert slots_while_verifying and set(slots_while_verifying) == {0}
+    assert slots_while_starting and set(slots_while_starting) == {0}
     print(
         f"\nworker slots held: while awaiting review {max(slots_while_reviewing)}, "
-        f"while waiting for the service {max(slots_while_verifying)}"
+        f"while waiting for the service {max(slots_while_starting)}"
     )
 
     from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook

@@ -1,8 +1,9 @@
 """The whole lifecycle DAG on the embedded local adapters: real Airflow, MLflow server, git and service.
 
 One model line lives through a sequence of weekly windows: first promotion, a re-run of the same
-window, a gate rejection, a review rejection, a service serving the wrong version, and a second
-promotion against the first. Every unhappy end must leave the registry as it was.
+window, a gate rejection, a review rejection, something else answering on the service's port, a second
+promotion against the first, and a new version that cannot come up (the old one keeps serving).
+Every unhappy end must leave the registry as it was.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import threading
 import time
 import urllib.request
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import yaml
 
 import devstack
 from conftest import MODEL_LINES, REVIEWER
+from hammer import Hammer
 from hitl import Reviewer
 from mlops_lifecycle import paths
 from mlops_lifecycle.audit import events
@@ -213,7 +216,7 @@ def test_first_lifecycle_promotes_and_records_everything(line):
     [probe] = [r for r in logged if r["request_id"] == "e2e-probe"]
     assert probe["request"] == {"rows": golden["rows"][:3]} and len(probe["predictions"]) == 3
     # the fast path serves it (compiled gradient boosting), having reproduced the training run's golden set
-    service_log = (paths.local_home() / "services" / f"{LINE}.log").read_text()
+    service_log = (paths.local_home() / "services" / f"{LINE}-v1.log").read_text()
     [loaded] = [json.loads(x) for x in service_log.splitlines() if '"model_loaded"' in x][-1:]
     assert "HistGradientBoostingRegressor" in loaded["compiled"], loaded
 
@@ -298,7 +301,12 @@ def test_review_rejection_changes_nothing_else(line):
 
 
 class StaleService(http.server.ThreadingHTTPServer):
-    """Something else answering on the service's port with an old version."""
+    """Something else answering on the service's stable port with an old version.
+
+    It takes the port while the line is stopped, so the line's front cannot: the new version starts and
+    reports its identity on its own side port, but what clients (and verification) reach on the stable
+    port is this. It must never pass for the new deployment.
+    """
 
     def __init__(self, port: int, version: str) -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -319,7 +327,7 @@ class StaleService(http.server.ThreadingHTTPServer):
 def test_wrong_version_served_fails_verification_and_leaves_the_registry_untouched(line):
     from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
 
-    LocalServiceDeployer(paths.local_home()).stop(LINE)
+    LocalServiceDeployer(paths.local_home()).stop(LINE)  # the front and v1: the port is free to take
     stale = StaleService(line.port, "1")
     line.write(deploy={"verify_timeout_seconds": 8, "poll_interval_seconds": 0.5})
     before = line.registry_state()
@@ -427,7 +435,7 @@ def test_a_failed_attempt_then_a_successful_rerun_leaves_a_true_audit_record(lin
 
     previous = line.served_version()
     LocalServiceDeployer(paths.local_home()).stop(LINE)
-    stale = StaleService(line.port, previous)  # the first attempt's service cannot take the port
+    stale = StaleService(line.port, previous)  # the first attempt's front cannot take the port
     line.write(deploy={"verify_timeout_seconds": 8, "poll_interval_seconds": 0.5})
     try:
         first = line.run(W6)
@@ -469,3 +477,80 @@ def test_a_failed_attempt_then_a_successful_rerun_leaves_a_true_audit_record(lin
     entry = line.changelog().split(f"## {LINE} v{version}: promoted to production")[1]
     assert f"Approved by {auto} at" in entry and f"Previous production: v{previous}" in entry
     assert line.served_version() == version
+
+
+W7 = window(16, 11)
+
+
+class GoldenSetSaboteur(threading.Thread):
+    """After training and before approval: the candidate's run gets a golden set its model does not reproduce.
+
+    The package step copies it into the model package, and the new service refuses to start (its golden-set
+    check at start-up). Then it approves the review, so the lifecycle goes on to deploy.
+    """
+
+    def __init__(self, line: Line, logical_date: datetime) -> None:
+        super().__init__(daemon=True)
+        self.line, self.logical_date = line, logical_date
+        self.error: BaseException | None = None
+        self.reviewer = Reviewer(DAG_ID, "Approve")
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                runs = self.line.runs_with_key(self.logical_date)
+                if runs and runs[0].info.status == "FINISHED":
+                    break
+                time.sleep(0.5)
+            [run] = runs
+            client = self.line.registry.client
+            golden = json.loads(Path(client.download_artifacts(run.info.run_id, "golden_set.json")).read_text())
+            golden["predictions"] = [p + 1.0 for p in golden["predictions"]]
+            client.log_dict(run.info.run_id, golden, "golden_set.json")
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+            return
+        self.reviewer.run()  # in this thread: approval comes only after the golden set is wrong
+
+
+def test_a_new_version_that_cannot_come_up_leaves_the_old_one_serving_and_the_registry_untouched(line):
+    """Blue/green: the new service starts beside the old one and fails its golden-set check; the old one
+    answers on the stable port throughout (not one failed request), the run fails saying so, nothing moves."""
+    from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
+
+    previous = line.served_version()
+    line.write(review={"auto_approve": False}, deploy={"verify_timeout_seconds": 120, "poll_interval_seconds": 0.5})
+    before = line.registry_state()
+    saboteur, hammer = GoldenSetSaboteur(line, W7), Hammer(line.port, pause=0.01)
+    saboteur.start()
+    hammer.start()
+    try:
+        result = line.run(W7)
+    finally:
+        hammer.stop()
+        saboteur.reviewer.stop()
+        line.write()
+    assert saboteur.error is None and saboteur.reviewer.error is None, saboteur.error or saboteur.reviewer.error
+    version = candidate_version(line, W7)
+    assert result.state == "failed"
+    assert result.task_states["deploy"] == "failed"
+    assert result.task_states["verify_serving"] == result.task_states["promote"] == "upstream_failed"
+    assert result.task_states["restore_staging"] == "success"
+    assert_untouched(before, line.registry_state(), version, withdrawn_because="deploy failed")
+    assert f"## {LINE} v{version}: promoted to production" not in line.changelog()
+
+    # the old version answered on the stable port all along, and still does
+    assert hammer.errors == [] and hammer.runs() and {v for v, _ in hammer.runs()} == {previous}, hammer.errors[:5]
+    assert line.served_version() == previous
+    state = LocalServiceDeployer(paths.local_home()).state(LINE)
+    assert state.serving.model_version == previous and state.starting is None
+    # the run says why, and what still serves
+    alerts = [json.loads(x) for x in (paths.local_home() / "alerts" / f"{LINE}.jsonl").read_text().splitlines()]
+    [alert] = [a for a in alerts if a["task_id"] == "deploy" and a["run_id"] == result.run_id]
+    new_log = paths.local_home() / "services" / f"{LINE}-v{version}.log"
+    assert alert["error"].startswith(f"DeploymentFailed: v{version} did not come up: the service process"), alert
+    assert f"v{previous} still serving on http://127.0.0.1:{line.port}" in alert["error"], alert
+    assert str(new_log) in alert["error"]
+    failures = [json.loads(x) for x in new_log.read_text().splitlines() if '"startup_failed"' in x]
+    assert failures and "golden row" in failures[-1]["error"], failures

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -75,6 +77,19 @@ def test_nothing_listening_times_out_saying_so():
     trigger = ServiceVersionTrigger("http://127.0.0.1:9", EXPECTED, deadline=time.time() + 0.3, poll_interval=0.1)
     event = first_event(trigger)
     assert event["status"] == "timeout" and "unreachable" in event["message"]
+
+
+def test_a_local_service_whose_process_exits_is_not_waited_for():
+    """The local deploy passes the new service's pid: a failed start-up ends the wait at once, not at the deadline."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    trigger = ServiceVersionTrigger(
+        "http://127.0.0.1:9", EXPECTED, deadline=time.time() + 60, poll_interval=0.1, pid=proc.pid
+    )
+    started = time.monotonic()
+    event = first_event(trigger)
+    assert event["status"] == "exited" and time.monotonic() - started < 10
+    assert f"pid {proc.pid}" in event["message"] and "unreachable" in event["message"]
 
 
 def test_identity_mismatch_lists_every_differing_field():

@@ -6,7 +6,9 @@ answering on the same address, or a stale deployment of the same version, never 
 
 Holds only serialisable values; the deadline is absolute so a triggerer restart does not extend it.
 Yields exactly one event: ``success`` with what was served, or ``timeout`` with the last thing seen
-(which fields differ, an HTTP error, connection refused) so the failure says why in one line.
+(which fields differ, an HTTP error, connection refused) so the failure says why in one line. Given
+the ``pid`` of a local service that is starting (the local deploy), it also yields ``exited`` as soon
+as that process is gone: a start-up that failed (its golden set, its package) is not waited for.
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from mlops_lifecycle.adapters.local_service import process_alive
 from mlops_lifecycle.contract import identity_mismatch
 
 
 class ServiceVersionTrigger(BaseTrigger):
-    def __init__(self, url: str, expected: dict[str, str], deadline: float, poll_interval: float = 2.0) -> None:
+    def __init__(
+        self, url: str, expected: dict[str, str], deadline: float, poll_interval: float = 2.0, pid: int | None = None
+    ) -> None:
         super().__init__()
         self.url = url
         self.expected = {k: str(v) for k, v in expected.items()}
         self.deadline = deadline
         self.poll_interval = poll_interval
+        self.pid = pid
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -37,6 +43,7 @@ class ServiceVersionTrigger(BaseTrigger):
                 "expected": self.expected,
                 "deadline": self.deadline,
                 "poll_interval": self.poll_interval,
+                "pid": self.pid,
             },
         )
 
@@ -59,6 +66,16 @@ class ServiceVersionTrigger(BaseTrigger):
                             "served_version": self.expected.get("model_version"),
                             "url": self.url,
                             "message": f"{endpoint} reports {seen}",
+                        }
+                    )
+                    return
+                if self.pid is not None and not process_alive(self.pid):
+                    yield TriggerEvent(
+                        {
+                            "status": "exited",
+                            "url": self.url,
+                            "message": f"the service process (pid {self.pid}) exited before {endpoint} reported "
+                            f"the approved deployment; last seen: {seen}",
                         }
                     )
                     return
