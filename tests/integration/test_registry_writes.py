@@ -173,3 +173,24 @@ def test_mlflow_unreachable_at_promote_says_what_serves_and_how_to_finish(line, 
     assert not isinstance(raised.value, AirflowFailException), "MLflow coming back is worth a retry"
     assert f"while promoting {line.name} v2: production already serves it (verified at http://127.0.0.1:9)" in message
     assert "may still say v1" in message and "clearing promote finishes it" in message
+
+
+def test_a_retried_approval_reuses_the_recorded_answer_and_asks_nobody(line) -> None:
+    """Airflow can lose a task's success as it resumes from awaiting input: the retry must not ask again."""
+    import json
+
+    from mlops_lifecycle.operators.review_local_git import APPROVAL_TAG, ReviewApprovalOperator
+
+    data = line.config.model_dump()
+    data["review"]["auto_approve"] = False  # only a human could answer: a second ask would wait for one
+    config = ModelLineConfig.model_validate(data)
+    recorded = {"approved_by": ["ann (reviewer)"], "approved_at": "2026-10-09T10:00:00+00:00"}
+    line.registry.client.set_tag(line.run_id, APPROVAL_TAG, json.dumps(recorded))
+    approve = ReviewApprovalOperator(
+        task_id="approve_review",
+        config=config,
+        review={"review_id": f"review/{line.name}/v2", "branch": "b", "commit": "c", "repository": "x"},
+        candidate=candidate(line, "2", None),
+    )
+
+    assert approve.execute(context("manual__a")) == {"decision": "approved", **recorded}

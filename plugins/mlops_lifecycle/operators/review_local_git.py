@@ -98,9 +98,7 @@ class ReviewApprovalOperator(LocalGitReviewMixin, LifecycleOperator, ApprovalOpe
         self.log.info("Review %s asks:\n%s", self.review["review_id"], self.body)
         earlier = self._earlier_approval(c)
         if earlier is not None:
-            self.log.info(
-                "Review %s was approved and merged before (%s): not asking again", self.review["review_id"], earlier
-            )
+            self.log.info("Review %s was approved before (%s): not asking again", self.review["review_id"], earlier)
             return earlier
         if self.section(self.config.review, ReviewLocalGit).auto_approve:
             self.log.info("review.auto_approve is set: approving without a human")
@@ -126,19 +124,22 @@ class ReviewApprovalOperator(LocalGitReviewMixin, LifecycleOperator, ApprovalOpe
         return self._decision([who], payload["responded_at"])
 
     def _earlier_approval(self, c: Candidate) -> Approval | None:
-        """A re-run of an already merged review reuses its recorded approval instead of asking twice."""
-        if not self.merging_repo.is_merged(self.review["review_id"]):
-            return None
+        """An approval this candidate already has (recorded as data on its run) is reused, never asked again.
+
+        That covers a re-run of an already merged review and a retry of this task after the answer was
+        recorded (Airflow can lose the task's success as it resumes from waiting for input).
+        """
         recorded = self.registry.get_run(c["run_id"]).data.tags.get(APPROVAL_TAG)
         if recorded:
             data = json.loads(recorded)
             return {"decision": "approved", "approved_by": data["approved_by"], "approved_at": data["approved_at"]}
-        self.log.warning(
-            "Review %s is merged but its run %s records no approval (%s): asking again",
-            self.review["review_id"],
-            c["run_id"],
-            APPROVAL_TAG,
-        )
+        if self.merging_repo.is_merged(self.review["review_id"]):
+            self.log.warning(
+                "Review %s is merged but its run %s records no approval (%s): asking again",
+                self.review["review_id"],
+                c["run_id"],
+                APPROVAL_TAG,
+            )
         return None
 
     def _decision(self, approvers: list[str], at: datetime) -> Approval:
