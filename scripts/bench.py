@@ -213,18 +213,7 @@ BACKTEST_PARALLEL = (1, 2)
 def start_standalone(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     """`airflow standalone` over ``env`` (every user an admin: the bench's own throwaway home); its API URL."""
     port = devstack.free_port()
-    env = {
-        **env,
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(devstack.free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(devstack.free_port()),
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-    }
+    env = {**env, **devstack.standalone_env(port), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}
     log = open(home / "standalone.log", "ab")
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("airflow")), "standalone"],

@@ -57,6 +57,22 @@ def stack_env(
     }
 
 
+def standalone_env(api_port: int) -> dict[str, str]:
+    """What `airflow standalone` needs beside ``stack_env`` to run next to others: its own ports, quick beats."""
+    return {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+    }
+
+
 def migrate_airflow_db(env: dict[str, str]) -> None:
     """``airflow db migrate`` in a child process (idempotent, a few seconds when already migrated)."""
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)

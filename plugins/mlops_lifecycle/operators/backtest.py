@@ -56,7 +56,8 @@ class BacktestReportOperator(LifecycleOperator):
                 f"{c['backtest_id']}"
             )
         windows = self.windows(c["backtest_id"])
-        baseline = {w.window_end: w for w in self.windows(self.baseline["backtest_id"])}
+        same = self.baseline["backtest_id"] == c["backtest_id"]  # backtesting the baseline itself
+        baseline = {w.window_end: w for w in (windows if same else self.windows(self.baseline["backtest_id"]))}
         self.log.info("Backtest %s: %d finished window(s); judging them in order", c["backtest_id"], len(windows))
         judgements = judge(self.config, windows, self.score, self.served)
         judgements = [self.with_baseline(j, baseline.get(j.window.window_end)) for j in judgements]

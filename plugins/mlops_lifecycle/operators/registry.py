@@ -238,7 +238,7 @@ class PromoteOperator(LifecycleOperator):
         pipeline_id, review_url = self.deployment.get("pipeline_id"), self.review.get("web_url")
         # check before writing anything, then the record, then the move: a promotion never lacks
         # its audit trail, and a conflict leaves the registry untouched
-        self.registry.expect_alias(name, reg.production_alias, expected, version)
+        current = self.registry.expect_alias(name, reg.production_alias, expected, version)
         self.registry.add_version_tags(
             name,
             version,
@@ -256,8 +256,7 @@ class PromoteOperator(LifecycleOperator):
                 "audit.promoted_at": promoted_at,
             },
         )
-        already = self.registry.alias_version(name, reg.production_alias) == version
-        if already:
+        if current == version:
             # a retry after the move, or a re-run of this window: finish what the promoting run began, no more
             earlier = latest_event(self.registry.version_tags(name, version), "promoted")
             finishing = earlier is not None and earlier["by"] == promoted_by
