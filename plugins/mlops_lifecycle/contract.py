@@ -55,9 +55,10 @@ class Candidate(TypedDict):
 
 
 class BacktestRun(TypedDict):
-    """backtest_train, backtest_baseline: a model trained on the window and evaluated on the horizon after it."""
+    """backtest_train: a model trained on the window and evaluated on the horizon after it."""
 
     backtest_id: str
+    baseline_id: str  # the backtest of the line's own configuration it is compared with (itself, for the baseline)
     variant: str
     run_id: str
     experiment_id: str

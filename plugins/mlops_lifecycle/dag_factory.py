@@ -5,10 +5,10 @@ The lifecycle DAG::
     route >> extract >> train >> gate >> stage >> <review and deploy> >> verify_serving >> promote
     (every step after stage that may fail) --one_failed--> restore_staging
 
-``route`` sends a backfill run to the backtest instead (``backtest_extract >> backtest_baseline >>
-backtest_train >> backtest_report``: nothing there writes to the registry, the deployment repository or
-the service) and skips a run whose window is older than production's; later steps check again before
-they deploy or promote.
+``route`` sends a backfill run to the backtest instead (``backtest_extract >> backtest_train >>
+backtest_report``, the report only in the window that finishes last: nothing there writes to the
+registry, the deployment repository or the service) and skips a run whose window is older than
+production's; later steps check again before they deploy or promote.
 
 Which operator runs a stage is looked up in one table per stage, keyed by the YAML value that names
 the backend (``extract.warehouse``, ``train.backend``). Review and deploy go together (GitLab CI deploys
@@ -160,25 +160,20 @@ DELIVERY: dict[tuple[str, str], Callable[[dict[str, Any], BaseOperator, BaseOper
 
 
 def _backtest(config: ModelLineConfig, common: dict[str, Any]) -> BaseOperator:
-    """A backfill run's branch: the window and its horizon, the baseline and the variant trained on it, the report.
+    """A backfill run's branch: the window and its horizon, the baseline (and variant) trained on it, the report.
 
-    The same extract and training backends as the lifecycle; nothing here writes to the registry, the
-    deployment repository or the service. Returns the branch's first task.
+    Three tasks a window, as few as the stages allow (each task costs a process and a scheduler pass):
+    the training task trains the baseline and the variant the run asked for, and starts the report only
+    when its window is the backfill's last. The same extract and training backends as the lifecycle;
+    nothing here writes to the registry, the deployment repository or the service. Returns the first task.
     """
     extract = EXTRACT[config.extract.warehouse](task_id="backtest_extract", with_horizon=True, **common)
-    timeout = timedelta(minutes=config.train.timeout_minutes)
-    train = TRAIN[config.train.backend]
-    # the baseline first: when the backfill backtests the baseline itself, backtest_train finds its run
-    baseline = train(
-        task_id="backtest_baseline", snapshot=extract.output, backtest="baseline", execution_timeout=timeout, **common
+    # several jobs in one task: the timeout covers the baseline and a variant
+    timeout = timedelta(minutes=2 * config.train.timeout_minutes)
+    train = TRAIN[config.train.backend](
+        task_id="backtest_train", snapshot=extract.output, backtest=True, execution_timeout=timeout, **common
     )
-    challenger = train(
-        task_id="backtest_train", snapshot=extract.output, backtest="conf", execution_timeout=timeout, **common
-    )
-    report = BacktestReportOperator(
-        task_id="backtest_report", challenger=challenger.output, baseline=baseline.output, **common
-    )
-    extract >> baseline >> challenger >> report
+    extract >> train >> BacktestReportOperator(task_id="backtest_report", challenger=train.output, **common)
     return extract
 
 

@@ -95,7 +95,7 @@ def test_lifecycle_shape_tags_owner_and_retries(shipped):
         "verify_serving",
         "promote",
     ]
-    backtest = ["backtest_extract", "backtest_baseline", "backtest_train", "backtest_report"]
+    backtest = ["backtest_extract", "backtest_train", "backtest_report"]
     assert set(dag["tasks"]) == {*chain, "restore_staging", *backtest}
     for upstream, downstream in [*zip(chain, chain[1:], strict=False), *zip(backtest, backtest[1:], strict=False)]:
         assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
@@ -148,7 +148,6 @@ def test_production_adapters_build_their_dag_without_importing_providers_or_clie
         *chain,
         "restore_staging",
         "backtest_extract",
-        "backtest_baseline",
         "backtest_train",
         "backtest_report",
     }

@@ -79,6 +79,8 @@ for flag in ("--snapshot", "--run-key", "--model-line", "--experiment", "--regis
 parser.add_argument("--params", required=True, type=json.loads)
 parser.add_argument("--tags", required=True, type=json.loads)
 parser.add_argument("--result-file")
+parser.add_argument("--backtest-id")
+parser.add_argument("--horizon-end")
 args = parser.parse_args()
 
 control = Path(os.environ["FAKE_TRAIN_CONTROL"])
@@ -123,12 +125,18 @@ if "error" in found:
 else:
     experiment_id = found["experiment"]["experiment_id"]
 tags = {**args.tags, "lifecycle.run_key": args.run_key, "lifecycle.model_line": args.model_line}
+if args.backtest_id:  # backtest mode: evaluated on the horizon, nothing registered
+    tags |= {"backtest.id": args.backtest_id, "backtest.horizon_end": args.horizon_end, "backtest.horizon": "complete"}
 run = call("POST", "runs/create", {
     "experiment_id": experiment_id,
     "start_time": int(time.time() * 1000),
     "tags": [{"key": k, "value": str(v)} for k, v in tags.items()],
 })["run"]
 run_id = run["info"]["run_id"]
+if args.backtest_id:
+    call("POST", "runs/update", {"run_id": run_id, "status": "FINISHED", "end_time": int(time.time() * 1000)})
+    print(json.dumps({"run_id": run_id}), flush=True)
+    sys.exit(0)
 call("POST", "registered-models/create", {"name": args.registered_model})
 version = call("POST", "model-versions/create", {
     "name": args.registered_model, "source": run["info"]["artifact_uri"] + "/model", "run_id": run_id,
@@ -339,7 +347,8 @@ def test_submit_payload_pins_the_commit_and_passes_the_local_arguments(setup, mo
 
     monkeypatch.setattr("mlops_lifecycle.adapters.local_process.LocalProcess", Recorder)
     local = LocalProcessTrainOperator(task_id="train", config=config, snapshot=SNAPSHOT)
-    local._train(context(), window, local.job(context(), window))
+    [job] = local.jobs(context(), window)
+    local._train(context(), window, job)
     [local_argv] = captured
     local_args = local_argv[2:]  # [python, entrypoint, *args]
     remote_args = python["parameters"]
@@ -374,7 +383,7 @@ def test_submit_payload_pins_the_commit_and_passes_the_local_arguments(setup, mo
 
     # the same run key gives the same token on any operator instance
     another = operator(config)
-    payload = another.run_payload(context(), window, another.job(context(), window))
+    payload = another.run_payload(context(), window, another.jobs(context(), window)[0])
     assert payload["idempotency_token"] == body["idempotency_token"]
 
 
@@ -464,6 +473,45 @@ def test_retry_after_the_submit_answer_was_lost_attaches_to_the_same_run(setup) 
     assert setup.standin.count("POST", SUBMIT) == 4
     assert setup.standin.launches == 1, "one training process for one run key"
     assert operator(config).execute_complete(context(), event)["model_version"] == "1"
+
+
+def test_a_backtest_window_trains_the_baseline_then_the_variant_one_databricks_run_each(setup) -> None:
+    """A backfill of a variant: one task, two Databricks runs in turn (deferring on each), nothing registered."""
+
+    def with_variant(raw: dict[str, Any]) -> None:
+        raw["backtest"] = {"variants": {"deeper": {"parameters": {"max_depth": 9}}}}
+
+    config = setup.config(with_variant)
+    backfill = {**context(), "dag_run": SimpleNamespace(run_after=INTERVAL[1], conf={"variant": "deeper"})}
+
+    def op() -> DatabricksTrainOperator:
+        return operator(config, backtest=True)
+
+    baseline, variant = op().jobs(backfill, op().window(backfill))
+    assert (baseline.variant, variant.variant) == ("baseline", "deeper")
+    first = defers(lambda: op().execute(backfill))
+    assert first.kwargs == {"run_key": baseline.run_key}
+    second = defers(lambda: op().execute_complete(backfill, event_of(first), **first.kwargs))
+    assert second.kwargs == {"run_key": variant.run_key}, "after the baseline, the variant: in the same task"
+    assert len(setup.standin.runs) == 2
+    retried = defers(lambda: op().execute(backfill))  # a retry of the task while the variant trains
+    assert retried.kwargs == second.kwargs and retried.trigger.run_id == second.trigger.run_id
+    assert len(setup.standin.runs) == 2, "the retry attached to the variant's run"
+    event_of(second)
+    assert setup.standin.launches == 2
+
+    jobs, pending = op().pending(backfill, op().window(backfill))
+    assert pending is None, "both trained"
+    runs = [op().trained_run(job, required=True) for job in jobs]
+    assert [r.data.tags["backtest.id"] for r in runs] == [baseline.backtest_id, variant.backtest_id]
+    assert baseline.experiment == variant.experiment == config.backtest_experiment
+    assert op().registry.client.search_model_versions(f"name='{config.registry.model_name}'") == [], "nothing registered"
+
+    def params(job: Any) -> dict[str, Any]:
+        argv = setup.record(job.run_key)["argv"]
+        return json.loads(argv[argv.index("--params") + 1])
+
+    assert params(variant)["max_depth"] == 9 and params(baseline).get("max_depth") != 9
 
 
 def test_rerun_after_the_run_registered_sends_nothing_to_databricks(setup) -> None:
@@ -598,7 +646,7 @@ def test_run_now_passes_the_same_arguments_as_python_params_once(setup) -> None:
     body = bodies[0]
     assert int(body["job_id"]) == job_id
     # the job checks out its own git_source: the revision is read back from the run when it ends
-    job = op.job(context(), window)
+    job = op.jobs(context(), window)[0]
     assert body["python_params"] == op.entrypoint_args(context(), window, job, JOB_DEFINED_REVISION)
     assert body["idempotency_token"] == idempotency_token(window.run_key)
     assert set(body) == {"job_id", "python_params", "idempotency_token"}
@@ -654,7 +702,7 @@ def test_python_file_is_relative_when_include_is_the_repository_root(setup) -> N
     op = operator(config)
 
     window = op.window(context())
-    payload = op.run_payload(context(), window, op.job(context(), window))
+    payload = op.run_payload(context(), window, op.jobs(context(), window)[0])
 
     assert payload["tasks"][0]["spark_python_task"]["python_file"] == ENTRYPOINT
 
@@ -663,8 +711,8 @@ def test_notebook_and_wheel_tasks_carry_the_same_arguments(setup) -> None:
     """The stand-in runs only Python files; the other task types are checked as the requests we send."""
     notebook = operator(setup.config(lambda raw: raw["train"].update(task="notebook")))
     window = notebook.window(context())
-    args = notebook.entrypoint_args(context(), window, notebook.job(context(), window), setup.repo.commit)
-    task = notebook.run_payload(context(), window, notebook.job(context(), window))["tasks"][0]
+    args = notebook.entrypoint_args(context(), window, notebook.jobs(context(), window)[0], setup.repo.commit)
+    task = notebook.run_payload(context(), window, notebook.jobs(context(), window)[0])["tasks"][0]
     assert task["notebook_task"] == {
         "notebook_path": "include/" + ENTRYPOINT.removesuffix(".py"),
         "base_parameters": {"argv": json.dumps(args)},
@@ -673,8 +721,8 @@ def test_notebook_and_wheel_tasks_carry_the_same_arguments(setup) -> None:
 
     wheel = {"package_name": "mlops_training", "entry_point": "demand_forecast"}
     op = operator(setup.config(lambda raw: raw["train"].update(task="wheel", wheel=wheel)))
-    payload = op.run_payload(context(), window, op.job(context(), window))
-    args = op.entrypoint_args(context(), window, op.job(context(), window), setup.repo.commit)
+    payload = op.run_payload(context(), window, op.jobs(context(), window)[0])
+    args = op.entrypoint_args(context(), window, op.jobs(context(), window)[0], setup.repo.commit)
     assert payload["tasks"][0]["python_wheel_task"] == {**wheel, "parameters": args}
     assert payload["git_source"]["git_commit"] == setup.repo.commit and setup.standin.log == []
 

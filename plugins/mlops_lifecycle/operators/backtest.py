@@ -1,11 +1,15 @@
 """backtest_report: the gate applied window by window, and the report of the whole backtest.
 
-Every backfill run trains its window (``backtest_baseline``, ``backtest_train``) in parallel with the
-others; the report needs all of them, in order (each window is judged against the champion the windows
-before it leave). So each run's report task looks at the backfill's other runs: while any of them is
-still training, it leaves the report to the last one (skipped, saying so); the last one builds it from
-every finished window of the backtest in MLflow. The report (HTML, a PNG per gate metric, CSV, JSON) is
-logged to one MLflow run per backtest in ``<experiment>-backtests`` and linked from this task.
+Every backfill run trains its window (``backtest_train``) in parallel with the others; the report needs
+all of them, in order (each window is judged against the champion the windows before it leave). So the
+training task of each window, once its own result is in MLflow, looks at the backfill's other runs
+(``windows_still_training``): while any of them is still training, it skips this task without starting
+it; the last one runs it, and it builds the report from every finished window of the backtest in MLflow.
+A window counts as finished when its task has ended or its result is in MLflow, and each window records
+its result before it looks, so of two windows finishing together at least one sees the other finished
+(both may: the second report task then finds the report of the same windows already built). The report
+(HTML, a PNG per gate metric, CSV, JSON) is logged to one MLflow run per backtest in
+``<experiment>-backtests`` and linked from this task.
 
 Champions are scored on each window's horizon here, in the worker, with the line's own entrypoint code
 (``include/training``) loaded as a module: one model load per champion, no extra process per window.
@@ -17,8 +21,6 @@ import json
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowSkipException
-
 from mlops_lifecycle.links import BacktestReportLink
 from mlops_lifecycle.operators.base import LifecycleOperator, Upstream
 
@@ -29,42 +31,78 @@ if TYPE_CHECKING:
     from mlops_lifecycle.contract import BacktestRun
 
 FINISHED_STATES = {"success", "failed", "skipped", "upstream_failed", "removed"}
-TRAINING_TASKS = ["backtest_baseline", "backtest_train"]
+TRAINING_TASK, REPORT_TASK = "backtest_train", "backtest_report"
+
+
+def windows_still_training(context: Context, registry: Any, trained: BacktestRun) -> set[str]:
+    """Other backfill runs of this DAG whose window of ``trained``'s backtest is neither ended nor in MLflow."""
+    ti = context["ti"]
+    states = ti.get_task_states(dag_id=ti.dag_id, task_ids=[TRAINING_TASK])
+    running = {
+        run_id
+        for run_id, tasks in states.items()
+        if run_id != ti.run_id
+        and run_id.startswith("backfill__")
+        and any(state not in FINISHED_STATES for state in tasks.values())
+    }
+    if not running:
+        return running
+    recorded = registry.client.search_runs(
+        [trained["experiment_id"]],
+        filter_string=f"tags.`backtest.id` = '{trained['backtest_id']}' and attributes.status = 'FINISHED'",
+        max_results=5000,
+    )
+    return running - {run.data.tags.get("airflow.run_id") for run in recorded}
+
+
+def windows_digest(windows: list[WindowResult]) -> str:
+    """Which windows a report was built from (so a second report of the same windows is not built again)."""
+    import hashlib
+
+    return hashlib.sha256(" ".join(sorted(w.run_id for w in windows)).encode()).hexdigest()[:16]
 
 
 class BacktestReportOperator(LifecycleOperator):
-    """Judge every finished window of the backtest against its champion and log the report (last run only)."""
+    """Judge every finished window of the backtest against its champion and log the report (last window only)."""
 
-    template_fields = ("challenger", "baseline")
+    template_fields = ("challenger",)
     operator_extra_links = (BacktestReportLink(),)
     ui_color = "#e7f0e0"
 
-    def __init__(self, *, challenger: Upstream, baseline: Upstream, **kwargs: Any) -> None:
+    def __init__(self, *, challenger: Upstream, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.challenger: BacktestRun = challenger
-        self.baseline: BacktestRun = baseline
 
     def execute(self, context: Context) -> dict[str, Any]:
         from mlops_lifecycle.backtest import judge, summary_rows
 
         c = self.challenger
-        pending = self.windows_still_training(context)
-        if pending:
-            raise AirflowSkipException(
-                f"{len(pending)} other window(s) of this backfill still training ({', '.join(sorted(pending)[:3])}"
-                f"{'...' if len(pending) > 3 else ''}): the last run to finish builds the report of backtest "
-                f"{c['backtest_id']}"
-            )
         windows = self.windows(c["backtest_id"])
-        same = self.baseline["backtest_id"] == c["backtest_id"]  # backtesting the baseline itself
-        baseline = {w.window_end: w for w in (windows if same else self.windows(self.baseline["backtest_id"]))}
+        digest = windows_digest(windows)
+        built = self.report_run(c)
+        if built is not None and built.data.tags.get("backtest.report_windows") == digest:
+            url = self.link_report(c, built.info.run_id)
+            self.log.info(
+                "The report of backtest %s over these %d window(s) is built already: %s",
+                c["backtest_id"],
+                len(windows),
+                url,
+            )
+            return {
+                "backtest_id": c["backtest_id"],
+                "report_run_id": built.info.run_id,
+                "windows": len(windows),
+                "url": url,
+            }
+        same = c["baseline_id"] == c["backtest_id"]  # backtesting the baseline itself
+        baseline = {w.window_end: w for w in (windows if same else self.windows(c["baseline_id"]))}
         self.log.info("Backtest %s: %d finished window(s); judging them in order", c["backtest_id"], len(windows))
         judgements = judge(self.config, windows, self.score, self.served)
         judgements = [self.with_baseline(j, baseline.get(j.window.window_end)) for j in judgements]
         rows = summary_rows(judgements)
-        run_id = self.log_report(c, rows)
-        url = self.registry.run_url(c["experiment_id"], run_id)
-        self.set_link(BacktestReportLink.key, f"{url}/artifacts" if url else None)
+        run_id = self.log_report(c, rows, built.info.run_id if built is not None else None)
+        self.registry.set_run_tags(run_id, {"backtest.report_windows": digest})
+        url = self.link_report(c, run_id)
         from mlops_lifecycle.backtest_report import render_table
 
         evaluated = [r for r in rows if r["would_promote"] is not None]
@@ -82,18 +120,6 @@ class BacktestReportOperator(LifecycleOperator):
         return {"backtest_id": c["backtest_id"], "report_run_id": run_id, "windows": len(rows), "url": url}
 
     # --- which runs -------------------------------------------------------------------------------
-    def windows_still_training(self, context: Context) -> set[str]:
-        """Other backfill runs of this DAG whose training tasks have not finished yet."""
-        ti = context["ti"]
-        states = ti.get_task_states(dag_id=ti.dag_id, task_ids=TRAINING_TASKS)
-        return {
-            run_id
-            for run_id, tasks in states.items()
-            if run_id != ti.run_id
-            and run_id.startswith("backfill__")
-            and any(state not in FINISHED_STATES for state in tasks.values())
-        }
-
     def windows(self, ident: str) -> list[WindowResult]:
         """Every finished window of backtest ``ident`` (the newest run of each window, if one was repeated)."""
         from mlops_lifecycle.backtest import HORIZON_PREFIX, WindowResult
@@ -175,8 +201,20 @@ class BacktestReportOperator(LifecycleOperator):
         return f"models:/{name}/{version}", f"production v{version}"
 
     # --- the report -------------------------------------------------------------------------------
-    def log_report(self, c: BacktestRun, rows: list[dict[str, Any]]) -> str:
-        """Log HTML, plots, CSV and JSON to the backtest's report run (found by its tag, or made); its id."""
+    def report_run(self, c: BacktestRun) -> Any:
+        """The backtest's report run, if one was made."""
+        found = self.registry.client.search_runs(
+            [c["experiment_id"]], filter_string=f"tags.`backtest.report` = '{c['backtest_id']}'", max_results=1
+        )
+        return found[0] if found else None
+
+    def link_report(self, c: BacktestRun, run_id: str) -> str | None:
+        url = self.registry.run_url(c["experiment_id"], run_id)
+        self.set_link(BacktestReportLink.key, f"{url}/artifacts" if url else None)
+        return url
+
+    def log_report(self, c: BacktestRun, rows: list[dict[str, Any]], run_id: str | None) -> str:
+        """Log HTML, plots, CSV and JSON to the backtest's report run (``run_id``, or a new one); its id."""
         import tempfile
         from pathlib import Path
 
@@ -193,12 +231,7 @@ class BacktestReportOperator(LifecycleOperator):
         from mlops_lifecycle.operators.base import code_revision
 
         client, metrics = self.registry.client, list(self.config.gate.metrics)
-        found = client.search_runs(
-            [c["experiment_id"]], filter_string=f"tags.`backtest.report` = '{c['backtest_id']}'", max_results=1
-        )
-        if found:
-            run_id = found[0].info.run_id
-        else:
+        if run_id is None:
             run_id = client.create_run(
                 c["experiment_id"],
                 run_name=f"{self.config.model_line} backtest {c['backtest_id']}",

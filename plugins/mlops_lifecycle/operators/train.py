@@ -6,9 +6,12 @@ metrics, the model and its reference profile to MLflow, scores the current produ
 same holdout, and registers a version, all tagged with the run key. So a retry, on either backend,
 finds the finished run (``trained_run``) instead of training twice.
 
-In a backtest (``backtest=`` set) the same entrypoint trains the same way on the window, then evaluates
+In a backtest (``backtest=True``) the same entrypoint trains the same way on the window, then evaluates
 on the horizon after it and registers nothing; the run goes to the line's backtest experiment under the
-key ``<run key>@<backtest id>``, so a re-run of the backfill finds it too.
+key ``<run key>@<backtest id>``, so a re-run of the backfill finds it too. One task trains what the
+window needs: the line's own configuration (the baseline) and, when the backfill asked for another
+variant, that variant too. It then hands the report on only if it is the backfill's last window to
+finish (``backtest.last_window``): every other run skips ``backtest_report`` without starting it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.standard.operators.branch import BranchMixIn
 
 from mlops_lifecycle.exceptions import TrainingFailed
 from mlops_lifecycle.links import MlflowModelVersionLink, MlflowRunLink
@@ -42,35 +47,41 @@ class TrainingJob:
     horizon_end: str | None = None  # ISO date, exclusive
 
 
-class TrainOperator(LifecycleOperator):
-    """Base of the training backends (``train.backend``): find the run key's trained run, or train it.
+class TrainOperator(LifecycleOperator, BranchMixIn):
+    """Base of the training backends (``train.backend``): find each job's trained run, or train it.
 
-    ``backtest``: None for the lifecycle's training; ``"conf"`` to train the variant a backfill asked for
-    in its run conf; ``"baseline"`` to train the line's own configuration in a backtest.
+    ``backtest``: False for the lifecycle's training (one job: the candidate); True for a backfill
+    window (the baseline, then the variant its run conf asked for if that is another one).
     """
 
     template_fields = ("snapshot",)
     operator_extra_links: tuple[BaseOperatorLink, ...] = (MlflowRunLink(), MlflowModelVersionLink())
     ui_color = "#dff5e3"
+    inherits_from_skipmixin = True  # a backtest window skips the report unless it is the last one
 
-    def __init__(
-        self, *, snapshot: Upstream, backtest: Literal["conf", "baseline"] | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *, snapshot: Upstream, backtest: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.snapshot: Snapshot = snapshot
         self.backtest = backtest
 
-    def job(self, context: Context, window: DataWindow) -> TrainingJob:
+    def jobs(self, context: Context, window: DataWindow) -> list[TrainingJob]:
+        """What this task trains, in order; the last one is what it hands on."""
         cfg = self.config
-        if self.backtest is None:
-            return TrainingJob(
-                window.run_key, cfg.registry.experiment, cfg.train.entrypoint, dict(cfg.train.parameters)
-            )
-        from mlops_lifecycle.backtest import backtest_id, horizon_days, variant_from_conf
+        if not self.backtest:
+            return [
+                TrainingJob(window.run_key, cfg.registry.experiment, cfg.train.entrypoint, dict(cfg.train.parameters))
+            ]
+        from mlops_lifecycle.backtest import variant_from_conf
         from mlops_lifecycle.config import BASELINE_VARIANT
 
-        conf = getattr(context.get("dag_run"), "conf", None)
-        variant = BASELINE_VARIANT if self.backtest == "baseline" else variant_from_conf(cfg, conf)
+        variant = variant_from_conf(cfg, getattr(context.get("dag_run"), "conf", None))
+        # the baseline first: a variant's report compares with it window by window
+        return [self.backtest_job(window, v) for v in dict.fromkeys([BASELINE_VARIANT, variant])]
+
+    def backtest_job(self, window: DataWindow, variant: str) -> TrainingJob:
+        from mlops_lifecycle.backtest import backtest_id, horizon_days
+
+        cfg = self.config
         entrypoint, parameters = cfg.backtest_variant(variant)
         ident = backtest_id(cfg, variant, code_revision())
         days = horizon_days(cfg, window.interval_start, window.interval_end)
@@ -84,11 +95,11 @@ class TrainOperator(LifecycleOperator):
             horizon_end=(window.window_end + timedelta(days=days)).isoformat(),
         )
 
-    def trained_run(self, job: TrainingJob, required: bool = False) -> Any:
+    def trained_run(self, job: TrainingJob, required: bool = False, announce: bool = True) -> Any:
         """The finished MLflow run of this job's run key (registered, for the lifecycle), if it trained already."""
         run = self.registry.find_run(job.experiment, job.run_key)
         if run is not None and (job.backtest_id or run.data.tags.get("lifecycle.registered_version")):
-            if not required:
+            if not required and announce:
                 self.log.info(
                     "Run key %s already trained in MLflow run %s: reusing it, not training again",
                     job.run_key,
@@ -102,8 +113,17 @@ class TrainOperator(LifecycleOperator):
             )
         return None
 
-    def result(self, window: DataWindow, job: TrainingJob, run: Any) -> Candidate | BacktestRun:
-        """What the task hands on: the candidate version, or the backtest's run for the report."""
+    def pending(
+        self, context: Context, window: DataWindow, announce: bool = True
+    ) -> tuple[list[TrainingJob], TrainingJob | None]:
+        """This task's jobs, and the first of them not trained yet (None: all are)."""
+        jobs = self.jobs(context, window)
+        return jobs, next((job for job in jobs if self.trained_run(job, announce=announce) is None), None)
+
+    def result(self, context: Context, window: DataWindow, jobs: list[TrainingJob]) -> Candidate | BacktestRun:
+        """What the task hands on once every job is trained: the candidate version, or the backtest's run."""
+        job = jobs[-1]
+        run = self.trained_run(job, required=True)
         if job.backtest_id is None:
             return self.candidate(window, run)
         self.set_link(MlflowRunLink.key, self.registry.run_url(run.info.experiment_id, run.info.run_id))
@@ -117,8 +137,9 @@ class TrainOperator(LifecycleOperator):
             job.horizon_end,
             "evaluated" if status == "complete" else "not in the data yet",
         )
-        return {
+        trained: BacktestRun = {
             "backtest_id": job.backtest_id,
+            "baseline_id": jobs[0].backtest_id or job.backtest_id,
             "variant": job.variant or "",
             "run_id": run.info.run_id,
             "experiment_id": run.info.experiment_id,
@@ -128,6 +149,19 @@ class TrainOperator(LifecycleOperator):
             "horizon": status,
             "snapshot": self.snapshot["uri"],
         }
+        from mlops_lifecycle.operators.backtest import REPORT_TASK, windows_still_training
+
+        pending = windows_still_training(context, self.registry, trained)
+        if pending:
+            self.log.info(
+                "%d other window(s) of this backfill still training (%s): the last to finish builds the report",
+                len(pending),
+                ", ".join(sorted(pending)[:3]) + ("..." if len(pending) > 3 else ""),
+            )
+            self.do_branch(context, None)
+        else:
+            self.do_branch(context, REPORT_TASK)
+        return trained
 
     def candidate(self, window: DataWindow, run: Any) -> Candidate:
         tags = run.data.tags

@@ -57,11 +57,11 @@ class DatabricksTrainOperator(TrainOperator):
         return DatabricksHook(self.train_cfg.databricks_conn_id, caller=type(self).__name__)
 
     def execute(self, context: Context) -> Candidate | BacktestRun:
+        """Submit the first job not trained yet and defer on it; hand on the result once all are trained."""
         window = self.window(context)
-        job = self.job(context, window)
-        run = self.trained_run(job)
-        if run is not None:
-            return self.result(window, job, run)
+        jobs, job = self.pending(context, window)
+        if job is None:
+            return self.result(context, window, jobs)
         payload = self.run_payload(context, window, job)
         run_id = self._attach_or_submit(payload)
         self._run_id = run_id
@@ -80,17 +80,26 @@ class DatabricksTrainOperator(TrainOperator):
                 caller=type(self).__name__,
             ),
             method_name="execute_complete",
+            kwargs={"run_key": job.run_key},
             timeout=self.execution_timeout,
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> Candidate | BacktestRun:
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], run_key: str | None = None
+    ) -> Candidate | BacktestRun:
+        """One job's Databricks run ended: record it, then on to the next job (``execute``).
+
+        ``run_key`` names the job the run trained (None from a deferral made before tasks trained several
+        jobs: the first job not trained yet, else the last).
+        """
         from airflow.providers.databricks.hooks.databricks import RunState
 
         url = event.get("run_page_url")
         self.set_link(DatabricksRunLink.key, url)
         state = RunState.from_json(event["run_state"])
         window = self.window(context)
-        job = self.job(context, window)
+        jobs, pending = self.pending(context, window, announce=False)
+        job = next((j for j in jobs if j.run_key == run_key), pending or jobs[-1])
         if not state.is_successful:
             errors = "; ".join(f"{e.get('task_key')}: {e.get('error')}" for e in event.get("errors") or [])
             raise TrainingFailed(
@@ -105,8 +114,7 @@ class DatabricksTrainOperator(TrainOperator):
             used = (self.databricks.get_run(event["run_id"]).get("git_source") or {}).get("git_snapshot", {})
             revision = used.get("used_commit") or f"unknown (job {self.train_cfg.job_id} has no git_source)"
             self.registry.set_run_tags(run.info.run_id, {"lifecycle.code_revision": revision})
-            run = self.trained_run(job, required=True)
-        return self.result(window, job, run)
+        return self.execute(context)
 
     def _attach_or_submit(self, payload: dict[str, Any]) -> int:
         """Submit under the run key's token; after a failed run, under the next token of the chain.

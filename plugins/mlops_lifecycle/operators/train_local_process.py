@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class LocalProcessTrainOperator(TrainOperator):
-    """Train on the snapshot in a local process, unless this run key already has a trained run."""
+    """Train each job on the snapshot in a local process, unless its run key already has a trained run."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -31,12 +31,12 @@ class LocalProcessTrainOperator(TrainOperator):
 
     def execute(self, context: Context) -> Candidate | BacktestRun:
         window = self.window(context)
-        job = self.job(context, window)
-        run = self.trained_run(job)
-        if run is None:
+        jobs, job = self.pending(context, window)
+        while job is not None:
             self._train(context, window, job)
-            run = self.trained_run(job, required=True)
-        return self.result(window, job, run)
+            self.trained_run(job, required=True)
+            jobs, job = self.pending(context, window, announce=False)
+        return self.result(context, window, jobs)
 
     def _train(self, context: Context, window: DataWindow, job: TrainingJob) -> None:
         from mlops_lifecycle import paths
