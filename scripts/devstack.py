@@ -51,6 +51,9 @@ def stack_env(
         # the in-process execution API narrates every state change; task logs stay at INFO
         "AIRFLOW__LOGGING__NAMESPACE_LEVELS": "airflow.api_fastapi=WARNING",
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps(conn),
+        # a lifecycle is a chain of short tasks: an idle scheduler looks for the next one every 0.25 s, not
+        # every 1 s (each task hand-over waited ~0.5 s more; a backtest window has four of them)
+        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
         "MLOPS_LOCAL_HOME": str(home),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.REPO_ROOT / "plugins"), os.environ.get("PYTHONPATH")])),
         "GIT_CONFIG_NOSYSTEM": "1",

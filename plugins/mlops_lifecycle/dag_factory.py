@@ -173,7 +173,12 @@ def _backtest(config: ModelLineConfig, common: dict[str, Any]) -> BaseOperator:
     train = TRAIN[config.train.backend](
         task_id="backtest_train", snapshot=extract.output, backtest=True, execution_timeout=timeout, **common
     )
-    extract >> train >> BacktestReportOperator(task_id="backtest_report", challenger=train.output, **common)
+    # one report task of the line at a time: two windows finishing together may both start one (see
+    # operators/backtest.py); the second then finds the report of the same windows built, instead of racing it
+    report = BacktestReportOperator(
+        task_id="backtest_report", challenger=train.output, max_active_tis_per_dag=1, **common
+    )
+    extract >> train >> report
     return extract
 
 

@@ -249,6 +249,11 @@ def report_of(api, backfill_runs: list[dict]) -> tuple[dict, str]:  # noqa: ANN0
     ).json()
     result = xcom["value"] if isinstance(xcom["value"], dict) else json.loads(xcom["value"])
     reg = registry()
+    experiment = reg.client.get_experiment_by_name(f"/e2e/{LINE}-backtests")
+    reports = reg.client.search_runs(
+        [experiment.experiment_id], f"tags.`backtest.report` = '{result['backtest_id']}'", max_results=10
+    )
+    assert [r.info.run_id for r in reports] == [result["report_run_id"]], "one report run per backtest"
     folder = reg.client.download_artifacts(result["report_run_id"], "")
     return json.loads((Path(folder) / "report.json").read_text()) | {
         "_files": sorted(p.name for p in Path(folder).iterdir())

@@ -505,7 +505,9 @@ def test_a_backtest_window_trains_the_baseline_then_the_variant_one_databricks_r
     runs = [op().trained_run(job, required=True) for job in jobs]
     assert [r.data.tags["backtest.id"] for r in runs] == [baseline.backtest_id, variant.backtest_id]
     assert baseline.experiment == variant.experiment == config.backtest_experiment
-    assert op().registry.client.search_model_versions(f"name='{config.registry.model_name}'") == [], "nothing registered"
+    assert op().registry.client.search_model_versions(f"name='{config.registry.model_name}'") == [], (
+        "nothing registered"
+    )
 
     def params(job: Any) -> dict[str, Any]:
         argv = setup.record(job.run_key)["argv"]
