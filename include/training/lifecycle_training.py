@@ -74,6 +74,7 @@ class ModelLine:
     default_params: Mapping[str, Any]
     build: Callable[[dict[str, Any]], Any]
     metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    metric_names: tuple[str, ...] = ()  # the entrypoint's METRICS: what ``metrics`` must return
 
     @property
     def features(self) -> list[str]:
@@ -560,6 +561,10 @@ def train_and_register(line: ModelLine, args: argparse.Namespace, client: Mlflow
         model = line.build(params).fit(x_train, y_train)
     with phase("evaluate"):
         metrics = line.metrics(y_holdout.to_numpy(), line.scores(line.model_output(model, x_holdout)))
+        if line.metric_names and sorted(metrics) != sorted(line.metric_names):
+            raise ValueError(
+                f"metrics() returned {sorted(metrics)} but the entrypoint declares METRICS {sorted(line.metric_names)}"
+            )
         mlflow.log_metrics(metrics)
     log.info("holdout metrics: %s", _format_metrics(metrics))
 

@@ -34,7 +34,7 @@ from zoneinfo import ZoneInfo
 from airflow.sdk import DAG, BaseOperator, CronDataIntervalTimetable, TriggerRule
 
 from mlops_lifecycle import paths
-from mlops_lifecycle.config import ModelLineConfig, load_model_lines
+from mlops_lifecycle.config import ModelLineConfig, load_model_lines, model_line_files
 from mlops_lifecycle.exceptions import ModelLineConfigError
 from mlops_lifecycle.operators.backtest import BacktestReportOperator
 from mlops_lifecycle.operators.deploy_gitlab_ci import AwaitDeploymentsOperator, AwaitPipelineOperator
@@ -147,9 +147,7 @@ def _gitlab_review_and_deploy(common: dict[str, Any], train: BaseOperator, gate:
     deploy = AwaitDeploymentsOperator(
         task_id="await_deployments", merge=merged.output, pipeline=pipeline.output, **common
     )
-    return Delivery(
-        review, approval=merged, merge=merged, deploy=deploy, may_fail=[review, merged, pipeline, deploy]
-    )
+    return Delivery(review, approval=merged, merge=merged, deploy=deploy, may_fail=[review, merged, pipeline, deploy])
 
 
 #: (review.backend, deploy.backend) -> the builder of that pair's review-and-deploy tasks
@@ -240,10 +238,20 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
 
 
 def build_all() -> tuple[dict[str, DAG], list[ModelLineConfigError]]:
-    """Every valid model line's DAGs by dag_id, and the errors of the invalid ones."""
+    """Every valid model line's DAGs by dag_id, and the errors of the invalid ones.
+
+    A line whose DAG cannot be built (whatever Airflow refuses that validation let through) is reported
+    as its file's error; the other lines' DAGs are built all the same.
+    """
     configs, errors = load_model_lines()
     dags: dict[str, DAG] = {}
     for config in configs:
-        dag = build_lifecycle_dag(config)
+        try:
+            dag = build_lifecycle_dag(config)
+        except Exception as exc:  # noqa: BLE001 - one line's problem must not take the others down
+            folder = paths.model_lines_dir()
+            path = next((p for p in model_line_files(folder) if p.stem == config.model_line), folder)
+            errors.append(ModelLineConfigError(str(path), [f"its DAG cannot be built: {type(exc).__name__}: {exc}"]))
+            continue
         dags[dag.dag_id] = dag
     return dags, errors
