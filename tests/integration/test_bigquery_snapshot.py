@@ -210,7 +210,7 @@ def test_query_job_is_the_lines_sql_for_the_window_with_valid_labels(config, sta
     for bigquery_only in ("DATE_DIFF(date, DATE '1970-01-01', DAY)", "FLOAT64", "SAFE_DIVIDE(", "INT64"):
         assert bigquery_only in sql, f"the BigQuery dialect is sent untouched (no transpiling): {bigquery_only}"
     assert query["useLegacySql"] is False
-    assert query["writeDisposition"] == "WRITE_TRUNCATE"
+    assert query["writeDisposition"] == "WRITE_EMPTY", "a snapshot is never rewritten"
     assert query["destinationTable"] == {
         "projectId": PROJECT,
         "datasetId": "mlops_snapshots",
@@ -354,18 +354,42 @@ def test_a_failed_job_is_named_in_the_error(config, bare_standin) -> None:
     assert BASE_JOB_ID in str(failed.value), str(failed.value)
 
 
-def test_another_airflow_run_of_the_same_window_runs_the_query_again(config, standin) -> None:
-    """Current design: the job id (and the airflow-run label) include the Airflow run, so a second run of the
-    same window (e.g. a manual re-run next to the scheduled one) submits its own job and runs the query again;
-    WRITE_TRUNCATE keeps the one snapshot table at the window's rows."""
-    scheduled = run_to_result(standin, config, context())
-    manual = run_to_result(standin, config, context(run_id=MANUAL_RUN_ID))
+def test_another_airflow_run_of_the_same_window_reuses_its_snapshot_never_rewrites_it(
+    config, standin, tmp_path
+) -> None:
+    """A model may have been trained on the window's snapshot (and a re-run reuses that model): a second
+    Airflow run of the window (a manual re-run beside the scheduled one) reuses the snapshot even after
+    the source data changed, so the audit never names data the model did not see."""
+    from mlops_lifecycle.adapters.sample_data import generate_daily_demand
 
-    assert scheduled["table"] == manual["table"] == TABLE, "same window, same snapshot table"
-    assert scheduled["run_key"] == manual["run_key"]
-    assert manual["job_id"] != scheduled["job_id"] and manual["reused"] is False
-    assert standin.query_executions == 2 and len(standin.jobs) == 2
-    assert len(standin.table_rows(TABLE)) == MARKETS * LOOKBACK_DAYS, "truncated, not appended"
+    scheduled = run_to_result(standin, config, context())
+    before = standin.table_rows(TABLE)
+    changed = tmp_path / "restated.parquet"  # the source is restated: every day's sales change
+    restated = generate_daily_demand(date(2023, 10, 1), date(2026, 3, 31))
+    restated["units_sold"] = restated["units_sold"] + 1
+    restated.to_parquet(changed, index=False)
+    standin.load_table(SOURCE, changed)
+
+    manual = operator(config).execute(context(run_id=MANUAL_RUN_ID))  # no deferral: nothing to wait for
+
+    assert manual["table"] == scheduled["table"] == TABLE and manual["reused"] is True
+    assert manual["job_id"] == scheduled["job_id"], "the job that wrote the snapshot, named in the audit"
+    assert standin.query_executions == 1 and len(standin.jobs) == 1
+    assert standin.table_rows(TABLE) == before, "the snapshot a model was trained on was rewritten"
+
+
+def test_two_runs_racing_for_one_window_leave_one_snapshot(config, standin) -> None:
+    """Both submit before either finishes: the second job finds the table written (WRITE_EMPTY) and its run
+    reuses the first one's snapshot instead of failing or overwriting it."""
+    first, second = deferral(config, context()), deferral(config, context(run_id=MANUAL_RUN_ID))
+    standin.finish_job(first.trigger.job_id)
+    scheduled = operator(config).execute_complete(context(), event_of(first), **first.kwargs)
+    standin.finish_job(second.trigger.job_id)
+    manual = operator(config).execute_complete(context(run_id=MANUAL_RUN_ID), event_of(second), **second.kwargs)
+
+    assert standin.job(second.trigger.job_id).error_result["reason"] == "duplicate"
+    assert manual["reused"] is True and manual["job_id"] == scheduled["job_id"] == first.trigger.job_id
+    assert len(standin.table_rows(TABLE)) == MARKETS * LOOKBACK_DAYS
 
 
 # -- empty windows, kill ------------------------------------------------------------------------------
