@@ -72,3 +72,12 @@ def test_without_a_ui_url_links_come_from_the_tracking_uri_without_its_credentia
     h = hook(monkeypatch, extra={"tracking_uri": "http://u:CANARY@127.0.0.1:5000"})
     assert h.run_url("1", "r") == "http://127.0.0.1:5000/#/experiments/1/runs/r"
     assert "CANARY" not in h.tracking_uri
+
+
+def test_login_and_password_are_basic_auth_as_compose_runs_mlflow(monkeypatch):
+    h = hook(monkeypatch, host="mlflow", port=5000, schema="http", login="admin", password="CANARY-admin-pw")
+    assert h.process_env() == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": "CANARY-admin-pw",
+    }

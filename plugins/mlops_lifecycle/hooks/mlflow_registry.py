@@ -3,7 +3,8 @@
 Connection ``mlflow_default`` (any type, e.g. ``http``):
 - ``host``/``port``/``schema`` give a tracking server (``schema`` is the URL scheme, default http),
   or ``extra.tracking_uri`` gives any MLflow URI (``sqlite:///...`` for a local file store);
-- ``password`` is an access token, handed to MLflow as ``MLFLOW_TRACKING_TOKEN`` and never logged;
+- ``password`` is an access token, handed to MLflow as ``MLFLOW_TRACKING_TOKEN`` and never logged; with a
+  ``login`` too, they are basic-auth credentials (MLflow's basic-auth app, as docker-compose runs it);
 - basic auth may come as ``user:password@`` in the tracking URI: it is taken out of the URI (which
   is then safe to show, in links and messages) and handed to MLflow as ``MLFLOW_TRACKING_USERNAME``
   and ``MLFLOW_TRACKING_PASSWORD``;
@@ -58,11 +59,13 @@ class MlflowRegistryHook(BaseHook):
         """The connection, with credentials taken out of the URLs."""
         from mlops_lifecycle.urls import split_userinfo, without_userinfo
 
-        uri, token, ui = self._connection_parts()
+        uri, token, ui, login = self._connection_parts()
         uri, user, password = split_userinfo(uri)
+        if login and not self._on_databricks(uri):  # login + password: basic auth, not a token
+            user, password, token = login, token, None
         return MlflowSettings(uri, token, without_userinfo(ui) if ui else None, user, password)
 
-    def _connection_parts(self) -> tuple[str, str | None, str | None]:
+    def _connection_parts(self) -> tuple[str, str | None, str | None, str | None]:
         conn = self.get_connection(self.mlflow_conn_id)
         extra = conn.extra_dejson
         uri = extra.get("tracking_uri")
@@ -80,9 +83,9 @@ class MlflowRegistryHook(BaseHook):
                     "password (a Databricks token)"
                 )
             workspace = conn.host if "://" in conn.host else f"https://{conn.host}"
-            return uri, conn.password, extra.get("ui_url") or workspace.rstrip("/")
+            return uri, conn.password, extra.get("ui_url") or workspace.rstrip("/"), None
         ui = extra.get("ui_url") or (uri if uri.startswith(("http://", "https://")) else None)
-        return uri, conn.password or None, ui
+        return uri, conn.password or None, ui, conn.login or None
 
     @staticmethod
     def _on_databricks(uri: str) -> bool:
