@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     valid = []
     for config in configs:
         try:
-            build_lifecycle_dag(config)
+            build_lifecycle_dag(config, register=False)
         except Exception as exc:  # noqa: BLE001 - reported like the DAG factory reports it
             errors.append(ModelLineConfigError(config.model_line, [f"its DAG cannot be built: {exc}"]))
         else:

@@ -395,6 +395,17 @@ class Backtest(_Strict):
         return value
 
 
+class Retention(_Strict):
+    """What the housekeeping task keeps (it never deletes what an alias or an audit record names)."""
+
+    keep_candidates: int = Field(
+        default=5, ge=1, le=1000, description="Newest registered versions kept besides aliased and audited ones."
+    )
+    snapshot_days: int = Field(
+        default=90, ge=1, le=3650, description="Snapshots nothing kept names are deleted once older than this."
+    )
+
+
 class Alerting(_Strict):
     emails: list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(default_factory=list)
     on_failure: bool = True
@@ -417,6 +428,7 @@ class ModelLineConfig(_Strict):
     deploy: Deploy
     alerting: Alerting = Field(default_factory=Alerting)
     backtest: Backtest = Field(default_factory=Backtest)
+    retention: Retention = Field(default_factory=Retention)
 
     @property
     def lifecycle_dag_id(self) -> str:

@@ -4,6 +4,7 @@ The lifecycle DAG::
 
     route >> extract >> train >> gate >> stage >> <review and deploy> >> verify_serving >> promote
     (every step after stage that may fail) --one_failed--> restore_staging
+    extract >> housekeeping   (retention: bounded registry and disk, beside training)
 
 ``route`` sends a backfill run to the backtest instead (``backtest_extract >> backtest_baseline >>
 backtest_train >> backtest_report``: nothing there writes to the registry, the deployment repository or
@@ -42,6 +43,7 @@ from mlops_lifecycle.operators.deploy_local_process import LocalDeployOperator
 from mlops_lifecycle.operators.extract import ExtractOperator
 from mlops_lifecycle.operators.extract_bigquery import BigQueryExtractOperator
 from mlops_lifecycle.operators.extract_duckdb import DuckDBExtractOperator
+from mlops_lifecycle.operators.housekeeping import HousekeepingOperator
 from mlops_lifecycle.operators.registry import GateOperator, PromoteOperator, RestoreStagingOperator, StageOperator
 from mlops_lifecycle.operators.review_gitlab import AwaitMergeOperator, OpenMergeRequestOperator
 from mlops_lifecycle.operators.review_local_git import (
@@ -180,7 +182,7 @@ def _backtest(config: ModelLineConfig, common: dict[str, Any]) -> BaseOperator:
     return extract
 
 
-def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
+def build_lifecycle_dag(config: ModelLineConfig, register: bool = True) -> DAG:
     """retrain-and-promote: data window -> trained, gated, reviewed, deployed, verified, promoted model."""
     tz = config.schedule.timezone
     default_args: dict[str, Any] = {
@@ -202,11 +204,14 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         default_args=default_args,
         tags=sorted({"mlops", "lifecycle", f"line:{config.model_line}", f"team:{config.owner.team}", *config.tags}),
         doc_md=_doc(config),
+        auto_register=register,  # False: built only to see whether it can be (model_line_config_errors.py)
     ) as dag:
         common: dict[str, Any] = {"config": config}
         route = RouteRunOperator(task_id="route", **common)
         extract = EXTRACT[config.extract.warehouse](task_id="extract", **common)
         route >> [extract, _backtest(config, common)]
+        # beside training, once per lifecycle run (never in a backtest): bounded registry and disk
+        extract >> HousekeepingOperator(task_id="housekeeping", **common)
         train = TRAIN[config.train.backend](
             task_id="train",
             snapshot=extract.output,
@@ -237,7 +242,7 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
     return dag
 
 
-def build_all() -> tuple[dict[str, DAG], list[ModelLineConfigError]]:
+def build_all(register: bool = True) -> tuple[dict[str, DAG], list[ModelLineConfigError]]:
     """Every valid model line's DAGs by dag_id, and the errors of the invalid ones.
 
     A line whose DAG cannot be built (whatever Airflow refuses that validation let through) is reported
@@ -247,7 +252,7 @@ def build_all() -> tuple[dict[str, DAG], list[ModelLineConfigError]]:
     dags: dict[str, DAG] = {}
     for config in configs:
         try:
-            dag = build_lifecycle_dag(config)
+            dag = build_lifecycle_dag(config, register)
         except Exception as exc:  # noqa: BLE001 - one line's problem must not take the others down
             folder = paths.model_lines_dir()
             path = next((p for p in model_line_files(folder) if p.stem == config.model_line), folder)

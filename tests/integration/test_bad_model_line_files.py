@@ -130,4 +130,6 @@ def test_a_bad_file_names_itself_and_the_shipped_lines_still_load(parsed, case):
     result = parsed[case]
     assert result["dags"] == [f"{line}__lifecycle" for line in SHIPPED_LINES], result["errors"]
     assert name in result["errors"] and expected in result["errors"], result["errors"]
+    assert result["errors"].count("Invalid model-line config") == 1, "only the bad file is an error"
+    assert "Duplicated" not in result["errors"], result["errors"]
     assert ".#demand_forecast.yaml" not in result["errors"], "an editor's lock file is not a model line"
