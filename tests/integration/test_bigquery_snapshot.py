@@ -51,6 +51,7 @@ DAG_ID = "demand_forecast__lifecycle"
 RUN_ID = "scheduled__2026-01-12T03:00:00+00:00"
 MANUAL_RUN_ID = "manual__2026-11-29T21:33:12.759156+00:00"
 INTERVAL = (datetime(2026, 1, 5, 3, tzinfo=UTC), datetime(2026, 1, 12, 3, tzinfo=UTC))
+NEXT = (datetime(2026, 1, 12, 3, tzinfo=UTC), datetime(2026, 1, 19, 3, tzinfo=UTC))
 TABLE = f"{SNAPSHOTS}.demand_forecast__20260105T0300_20260112T0300"
 BASE_JOB_ID = job_id_for("demand_forecast/20260105T0300-20260112T0300", RUN_ID)
 MARKETS = 12  # generate_daily_demand's default
@@ -491,3 +492,40 @@ def test_window_dates_in_the_sql_follow_the_interval(config) -> None:
     assert window.window_end - window.train_start == timedelta(days=LOOKBACK_DAYS)
     sql = render_sql(config.sql_path.read_text(), dict(config.extract.tables), window.train_start, window.window_end)
     assert "DATE '2024-01-13'" in sql and "DATE '2026-01-12'" in sql
+
+
+# -- retention ---------------------------------------------------------------------------------------
+def test_a_snapshot_expires_unless_an_audit_record_names_it(config, standin, mlflow_server, monkeypatch) -> None:
+    """Snapshot tables expire retention.snapshot_days after they are written; housekeeping takes the
+    expiration off the ones a kept version's audit record names, and leaves the others to expire."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from mlops_lifecycle.operators.housekeeping import HousekeepingOperator
+
+    named = run_to_result(standin, config, context())
+    other = run_to_result(standin, config, context(run_id="scheduled__2026-01-19T03:00:00+00:00", interval=NEXT))
+    client = operator(config).client()
+    expires = client.get_table(named["table"]).expires
+    days = (expires - datetime.now(UTC)).total_seconds() / 86400
+    assert config.retention.snapshot_days - 1 < days <= config.retention.snapshot_days
+
+    name = f"bq_retention_{uuid.uuid4().hex[:8]}"
+    line = config.model_copy(update={"registry": config.registry.model_copy(update={"model_name": name})})
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({"conn_type": "http", "extra": {"tracking_uri": mlflow_server.url}})
+    )
+    mlflow = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    experiment = mlflow.create_experiment(f"/tests/{name}")
+    run = mlflow.create_run(experiment)
+    mlflow.create_registered_model(name)
+    version = mlflow.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    mlflow.set_model_version_tag(name, version, "audit.snapshot", named["uri"])
+    mlflow.set_model_version_tag(name, version, "audit.event.0001", json.dumps({"event": "staged"}))
+
+    summary = HousekeepingOperator(task_id="housekeeping", config=line).execute(context())
+
+    assert summary["bigquery_snapshots_kept"] == [named["uri"]]
+    assert client.get_table(named["table"]).expires is None, "a snapshot the audit names must never expire"
+    assert client.get_table(other["table"]).expires is not None, "the rest expire as set"

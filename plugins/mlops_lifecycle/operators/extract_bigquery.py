@@ -9,6 +9,10 @@ window's table holds rows, every later run of the window (a manual re-run beside
 cleared run) reuses it and never queries again; the job writes with WRITE_EMPTY, so even two runs racing
 for the same window cannot rewrite it. The table's description names the job that wrote it.
 
+Snapshot tables expire ``retention.snapshot_days`` after they are written; the housekeeping task takes
+the expiration off every snapshot a kept version or an audit record names, so BigQuery deletes only
+what nothing refers to.
+
 The job id is deterministic (line, window, Airflow run): before inserting, the operator looks the job
 up; it reattaches while the job runs and reuses it once it succeeded, so a retry never runs the query
 twice (the provider's insert-job operator re-runs by default and refuses a job that is already
@@ -62,6 +66,10 @@ class BigQueryExtractOperator(ExtractOperator):
 
         return BigQueryHook(gcp_conn_id=self.extract_cfg.gcp_conn_id, location=self.extract_cfg.location)
 
+    def client(self) -> Any:
+        """The google-cloud-bigquery client of the line's project and location."""
+        return self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+
     def execute(self, context: Context) -> Snapshot:
         from mlops_lifecycle.sql import render_sql
 
@@ -80,7 +88,7 @@ class BigQueryExtractOperator(ExtractOperator):
                 "createDisposition": "CREATE_IF_NEEDED",
                 # the description names the job that wrote it (set per attempt in _find_or_submit)
                 # its description names the job that wrote it: set per attempt in _find_or_submit
-                "destinationTableProperties": {},
+                "destinationTableProperties": {"expirationTime": str(snapshot_expiry_ms(self.config))},
             },
             "labels": {
                 "model-line": label(self.config.model_line),
@@ -136,7 +144,7 @@ class BigQueryExtractOperator(ExtractOperator):
     def _result(self, context: Context, job_id: str, reused: bool) -> Snapshot:
         window = self.window(context)
         table = snapshot_table(self.extract_cfg, window) + self.snapshot_suffix(window)
-        client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+        client = self.client()
         rows = client.get_table(table).num_rows
         if not rows:
             # dropped, so a retry queries again (data may land late) instead of reusing the empty result
@@ -190,7 +198,7 @@ class BigQueryExtractOperator(ExtractOperator):
         """The job that wrote ``table``, if it exists and holds rows (an empty one may be written again)."""
         from google.api_core.exceptions import NotFound
 
-        client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+        client = self.client()
         try:
             found = client.get_table(table)
         except NotFound:
@@ -203,7 +211,7 @@ class BigQueryExtractOperator(ExtractOperator):
     def _table_exists(self, table: str) -> bool:
         from google.api_core.exceptions import NotFound
 
-        client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+        client = self.client()
         try:
             client.get_table(table)
         except NotFound:
@@ -217,6 +225,13 @@ class BigQueryExtractOperator(ExtractOperator):
             self.bigquery.cancel_job(
                 job_id=job_id, project_id=self.extract_cfg.project, location=self.extract_cfg.location
             )
+
+
+def snapshot_expiry_ms(config: Any) -> int:
+    """When a snapshot table written now expires unless housekeeping keeps it (ms since the epoch)."""
+    import time
+
+    return int((time.time() + config.retention.snapshot_days * 86400) * 1000)
 
 
 def job_id_for(run_key: str, airflow_run_id: str) -> str:

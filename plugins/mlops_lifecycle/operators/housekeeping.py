@@ -10,7 +10,9 @@ the line keeps (``retention`` in the YAML):
   the registry. Their MLflow runs (params, metrics, model files) stay in the experiment;
 - snapshots (local parquet files of this line): those a kept version's run or any audit record names,
   and any younger than ``retention.snapshot_days``;
-- local model packages: those of kept versions.
+- local model packages: those of kept versions;
+- BigQuery snapshot tables (which expire ``snapshot_days`` after they are written): every one a kept
+  version or an audit record names has its expiration taken off.
 
 Each deletion is logged with its reason. A backfill (a backtest) never runs it.
 """
@@ -40,11 +42,13 @@ class HousekeepingOperator(LifecycleOperator):
         kept, deleted = self.registered_versions()
         snapshots = self.local_snapshots(kept)
         packages = self.local_packages({v for v, _ in kept})
+        pinned = self.bigquery_snapshots(kept) if self.config.extract.warehouse == "bigquery" else []
         summary = {
             "versions_kept": sorted((v for v, _ in kept), key=int),
             "versions_deleted": deleted,
             "snapshots_deleted": snapshots,
             "packages_deleted": packages,
+            "bigquery_snapshots_kept": pinned,
         }
         self.log.info(
             "Housekeeping of %s: kept %d registered version(s), deleted %d; deleted %d snapshot(s), %d package(s)",
@@ -98,8 +102,7 @@ class HousekeepingOperator(LifecycleOperator):
     def local_snapshots(self, kept: list[tuple[str, dict[str, str]]]) -> list[str]:
         """Delete this line's local snapshot files that nothing kept names, once older than snapshot_days."""
         folder = paths.local_home() / "warehouse" / "snapshots"
-        named = {tags.get(key, "") for _, tags in kept for key in ("audit.snapshot", "lifecycle.snapshot")}
-        named |= self.audited_snapshots()
+        named = self.named_snapshots(kept)
         cutoff = time.time() - self.config.retention.snapshot_days * 86400
         deleted = []
         for path in sorted(folder.glob(f"{self.config.model_line}__*.parquet")):
@@ -113,6 +116,32 @@ class HousekeepingOperator(LifecycleOperator):
             path.unlink(missing_ok=True)
             deleted.append(path.name)
         return deleted
+
+    def named_snapshots(self, kept: list[tuple[str, dict[str, str]]]) -> set[str]:
+        """Every snapshot URI a kept version's run or any audit record of the line names."""
+        named = {tags.get(key, "") for _, tags in kept for key in ("audit.snapshot", "lifecycle.snapshot")}
+        return (named | self.audited_snapshots()) - {""}
+
+    def bigquery_snapshots(self, kept: list[tuple[str, dict[str, str]]]) -> list[str]:
+        """Take the expiration off every named BigQuery snapshot table (BigQuery deletes the rest in time)."""
+        from google.api_core.exceptions import NotFound
+
+        from mlops_lifecycle.operators.extract_bigquery import BigQueryExtractOperator
+
+        client = BigQueryExtractOperator(task_id="housekeeping_bigquery", config=self.config).client()
+        pinned = []
+        for uri in sorted(u for u in self.named_snapshots(kept) if u.startswith("bq://")):
+            try:
+                table = client.get_table(uri.removeprefix("bq://"))
+            except NotFound:
+                self.log.warning("Snapshot %s named by an audit record no longer exists", uri)
+                continue
+            if table.expires is not None:
+                table.expires = None
+                client.update_table(table, ["expires"])
+                self.log.info("Snapshot %s is named by a kept version or audit record: it no longer expires", uri)
+            pinned.append(uri)
+        return pinned
 
     def audited_snapshots(self) -> set[str]:
         """Snapshots any audit record of the line names (a version deleted by hand keeps its run's tags)."""
