@@ -72,6 +72,10 @@ def test_keeps_aliased_audited_and_newest_versions_and_what_they_name(line):
         (packages / f"demand_forecast-v{v}-abcdef123456").mkdir(parents=True)
         (packages / f"demand_forecast-v{v}-abcdef123456.pin.yaml").write_text("pin")
     (packages / "demand_forecast_eu-v3-abcdef123456").mkdir()  # another line's: not ours to touch
+    services = home / "services"
+    services.mkdir()
+    for log in ("demand_forecast-v1.log", "demand_forecast-v3.log", "demand_forecast.front.log"):
+        (services / log).write_text("log")
 
     summary = op.execute({"ti": SimpleNamespace(dag_id="demand_forecast__lifecycle", run_id="manual__x")})
 
@@ -86,6 +90,7 @@ def test_keeps_aliased_audited_and_newest_versions_and_what_they_name(line):
         "demand_forecast-v1-abcdef123456.pin.yaml",
         "demand_forecast_eu-v3-abcdef123456",
     ]
+    assert sorted(p.name for p in services.iterdir()) == ["demand_forecast-v1.log", "demand_forecast.front.log"]
     # the runs of deleted versions stay: their metrics and model files are still in the experiment
     experiment = reg.client.get_experiment_by_name(config.registry.experiment)
     assert len(reg.client.search_runs([experiment.experiment_id])) == 7

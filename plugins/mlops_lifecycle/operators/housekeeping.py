@@ -10,7 +10,7 @@ the line keeps (``retention`` in the YAML):
   the registry. Their MLflow runs (params, metrics, model files) stay in the experiment;
 - snapshots (local parquet files of this line): those a kept version's run or any audit record names,
   and any younger than ``retention.snapshot_days``;
-- local model packages: those of kept versions;
+- local model packages and service logs (``services/<line>-v<N>.log``): those of kept versions;
 - BigQuery snapshot tables (which expire ``snapshot_days`` after they are written): every one a kept
   version or an audit record names has its expiration taken off.
 
@@ -19,6 +19,7 @@ Each deletion is logged with its reason. A backfill (a backtest) never runs it.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from typing import TYPE_CHECKING, Any
@@ -149,15 +150,15 @@ class HousekeepingOperator(LifecycleOperator):
         return {str(v.tags.get("audit.snapshot")) for v in reg.client.search_model_versions(f"name='{name}'")}
 
     def local_packages(self, kept_versions: set[str]) -> list[str]:
-        """Delete model packages (and their pin files) of versions that are no longer kept."""
-        folder: Path = paths.local_home() / "packages"
+        """Delete model packages (with their pin files) and service logs of versions no longer kept."""
+        home: Path = paths.local_home()
         deleted = []
         prefix = f"{self.config.model_line}-v"
-        for path in sorted(folder.glob(f"{prefix}*")):
-            version = path.name.removeprefix(prefix).split("-", 1)[0]
-            if not version.isdigit() or version in kept_versions:
+        for path in sorted([*(home / "packages").glob(f"{prefix}*"), *(home / "services").glob(f"{prefix}*.log")]):
+            version = re.match(r"\d*", path.name.removeprefix(prefix)).group()  # type: ignore[union-attr]
+            if not version or version in kept_versions:
                 continue
-            self.log.info("Deleting model package %s (v%s is no longer kept)", path, version)
+            self.log.info("Deleting %s (v%s is no longer kept)", path, version)
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
