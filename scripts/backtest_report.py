@@ -34,8 +34,12 @@ def main() -> int:
     query = "tags.`backtest.report` != ''"
     if args.variant:
         query += f" and tags.`backtest.variant` = '{args.variant}'"
-    found = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+    found = (
+        []
+        if experiment is None
+        else client.search_runs(
+            [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
     )
     if not found:
         print(f"no backtest report of {args.line} in {args.tracking_uri} (backfill the lifecycle DAG first)")

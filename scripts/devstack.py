@@ -106,6 +106,7 @@ class MlflowServer:
     store: Path
     port: int
     proc: subprocess.Popen | None = None
+    auth: dict[str, str] | None = None  # MLflow's basic-auth app: its MLFLOW_AUTH_* environment
 
     @property
     def url(self) -> str:
@@ -134,13 +135,14 @@ class MlflowServer:
                 f"sqlite:///{self.store / 'mlflow.db'}",
                 "--artifacts-destination",
                 str(self.store / "artifacts"),
+                *(["--app-name", "basic-auth"] if self.auth else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             # no GenAI job runners: they are a dozen idle processes on a 2-core laptop
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(self.auth or {})},
         )
         wait_http(f"{self.url}/health", timeout, self.proc)
         return self

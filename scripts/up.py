@@ -34,6 +34,20 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def admin_password_file(airflow_home: Path) -> Path:
+    """The admin password, made here (owner-only file) so that `airflow standalone` never prints it."""
+    import json
+    import secrets
+
+    path = airflow_home / "simple_auth_manager_passwords.json.generated"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"admin": secrets.token_urlsafe(18)}, handle)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", "5000")))
@@ -57,15 +71,18 @@ def main() -> int:
     env["PATH"] = os.pathsep.join(
         [str(Path(sys.executable).parent), env.get("PATH", "")]
     )  # standalone spawns `airflow`
+    # loopback only unless asked otherwise: the local stack has an admin account and no TLS
+    env.setdefault("AIRFLOW__API__HOST", "127.0.0.1")
     os.environ.update(env)
     devstack.migrate_airflow_db(env)
+    airflow_home = Path(env["AIRFLOW_HOME"])
+    passwords = admin_password_file(airflow_home)
     server.start()
     print(f"MLflow UI   {server.url}")
-    airflow_home = Path(env["AIRFLOW_HOME"])
-    print(
-        f"Airflow UI  http://127.0.0.1:{api_port}  (user admin; password in "
-        f"{airflow_home / 'simple_auth_manager_passwords.json.generated'})"
-    )
+    exposed = "" if env["AIRFLOW__API__HOST"] in ("127.0.0.1", "localhost", "::1") else " (ALL INTERFACES)"
+    print(f"Airflow UI  http://{env['AIRFLOW__API__HOST']}:{api_port}{exposed}  (user admin; password in {passwords})")
+    if not exposed:
+        print("            loopback only; to expose it deliberately: AIRFLOW__API__HOST=0.0.0.0 make up")
     print("Approve reviews under Browse > Required Actions. Ctrl-C stops both.", flush=True)
     airflow = Path(sys.executable).with_name("airflow")
     proc = subprocess.Popen([str(airflow), "standalone"], env=env, start_new_session=True)

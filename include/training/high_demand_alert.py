@@ -51,6 +51,10 @@ def build(params: dict[str, Any]) -> Pipeline:
     return Pipeline([("features", encode), ("model", LogisticRegression(**params))])
 
 
+# the names metrics() returns: model-line validation checks gate metrics against them (read, not imported)
+METRICS = ("roc_auc", "brier", "log_loss", "precision_at_0_5", "recall_at_0_5")
+
+
 def metrics(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, float]:
     """Holdout metrics of the alert; ``roc_auc`` is NaN when the holdout has a single class."""
     y_true = np.asarray(y_true).astype(int)
@@ -74,6 +78,7 @@ LINE = lifecycle_training.ModelLine(
     default_params=DEFAULT_PARAMS,
     build=build,
     metrics=metrics,
+    metric_names=METRICS,
 )
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ class ModelLine:
     default_params: Mapping[str, Any]
     build: Callable[[dict[str, Any]], Any]
     metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    metric_names: tuple[str, ...] = ()  # the entrypoint's METRICS: what ``metrics`` must return
 
     @property
     def features(self) -> list[str]:
@@ -367,17 +368,62 @@ def skops_trusted_types(model: Any) -> list[str]:
     return untrusted
 
 
+def model_format() -> Any:
+    """``include/deployment/model_service/model_format.py``: the one check of what may be loaded, shared
+    with the model service and its packaging (this file's folder sits beside ``deployment/``)."""
+    deployment = str(Path(__file__).resolve().parents[1] / "deployment")
+    if deployment not in sys.path:
+        sys.path.append(deployment)
+    from model_service import model_format as checks
+
+    return checks
+
+
+def source_run(model_uri: str) -> str | None:
+    """The run that trained ``model_uri`` (a registered version, a logged model or a run's artifact)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    ref = model_uri.removeprefix("models:/")
+    if model_uri.startswith("runs:/"):
+        return model_uri.removeprefix("runs:/").split("/")[0]
+    if ref.startswith("m-"):
+        return mlflow.get_logged_model(ref.split("/")[0]).source_run_id
+    name, _, version = ref.rpartition("/")
+    return MlflowClient().get_model_version(name, version).run_id if version.isdigit() else None
+
+
+def load_checked_model(model_uri: str) -> Any:
+    """``mlflow.pyfunc.load_model``, only for a model in the one format training writes, whose files are
+    the ones recorded at training (a model registered by anyone else is never loaded: loading runs code)."""
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    checks = model_format()
+    run_id = source_run(model_uri)
+    expected = MlflowClient().get_run(run_id).data.tags.get(checks.MODEL_DIGEST_TAG) if run_id else None
+    with tempfile.TemporaryDirectory(prefix="mlops-model-") as folder:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=folder))
+        checks.check_model_dir(local, expected, label=model_uri)
+        return mlflow.pyfunc.load_model(str(local))
+
+
 def log_model(line: ModelLine, model: Any, holdout: pd.DataFrame) -> Any:
-    """Log the fitted pipeline as the run's ``model`` (skops format, signature, input example).
+    """Log the fitted pipeline as the run's ``model`` (skops format, signature, input example) and record
+    its files' digest on the run (``model_format.MODEL_DIGEST_TAG``), checked wherever it is loaded.
 
     skops is chosen explicitly (on Databricks MLflow would default to cloudpickle) so the artifact is
     the same wherever it was trained. Pip requirements are given rather than inferred: inference
     reloads the model in a subprocess and costs ~8 s.
     """
+    import tempfile
+
     import mlflow
     from mlflow.models import infer_signature
 
-    return mlflow.sklearn.log_model(
+    info = mlflow.sklearn.log_model(
         model,
         name=MODEL_ARTIFACT,
         serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
@@ -387,6 +433,12 @@ def log_model(line: ModelLine, model: Any, holdout: pd.DataFrame) -> Any:
         input_example=holdout.head(5),
         pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
     )
+    checks = model_format()
+    with tempfile.TemporaryDirectory(prefix="mlops-model-") as folder:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=folder))
+        checks.check_model_dir(local, label="the trained model")
+        mlflow.set_tag(checks.MODEL_DIGEST_TAG, checks.model_digest(local))
+    return info
 
 
 def golden_set(line: ModelLine, model: Any, holdout: pd.DataFrame) -> dict[str, Any]:
@@ -436,7 +488,7 @@ def compare_with_production(
         return None, {}
     version = str(current.version)
     mlflow.set_tags({"lifecycle.production_version": version, "lifecycle.production_run_id": current.run_id or ""})
-    model = mlflow.pyfunc.load_model(f"models:/{args.registered_model}/{version}")
+    model = load_checked_model(f"models:/{args.registered_model}/{version}")
     try:
         output = model.predict(features)
     except (MlflowException, KeyError, ValueError, TypeError) as exc:
@@ -560,6 +612,10 @@ def train_and_register(line: ModelLine, args: argparse.Namespace, client: Mlflow
         model = line.build(params).fit(x_train, y_train)
     with phase("evaluate"):
         metrics = line.metrics(y_holdout.to_numpy(), line.scores(line.model_output(model, x_holdout)))
+        if line.metric_names and sorted(metrics) != sorted(line.metric_names):
+            raise ValueError(
+                f"metrics() returned {sorted(metrics)} but the entrypoint declares METRICS {sorted(line.metric_names)}"
+            )
         mlflow.log_metrics(metrics)
     log.info("holdout metrics: %s", _format_metrics(metrics))
 
@@ -619,8 +675,12 @@ def backtest_result(
             mlflow.log_metrics(horizon_metrics)
         log.info("horizon %s..%s: %s", args.window_end, args.horizon_end, _format_metrics(horizon_metrics))
     else:
-        log.info("horizon %s..%s is not in the data yet (%d rows): reported, not failed", args.window_end,
-                 args.horizon_end, len(horizon))
+        log.info(
+            "horizon %s..%s is not in the data yet (%d rows): reported, not failed",
+            args.window_end,
+            args.horizon_end,
+            len(horizon),
+        )
     return {
         "run_id": mlflow.active_run().info.run_id,
         "model_version": None,
@@ -643,7 +703,6 @@ class Scorer:
 
     def score(self, model_uri: str, snapshot: str, start: date, end: date) -> dict[str, float]:
         """Metrics of ``model_uri`` on the labelled rows of ``snapshot`` in [start, end); {} if it cannot score."""
-        import mlflow
         from mlflow.exceptions import MlflowException
 
         # the same reading, typing and filtering as training
@@ -654,7 +713,7 @@ class Scorer:
         if rows.empty:
             return {}
         if model_uri not in self.models:
-            self.models[model_uri] = mlflow.pyfunc.load_model(model_uri)
+            self.models[model_uri] = load_checked_model(model_uri)
         try:
             output = self.models[model_uri].predict(rows[self.line.features])
         except (MlflowException, KeyError, ValueError, TypeError) as exc:

@@ -162,8 +162,10 @@ def summary_rows(judgements: list[Judgement]) -> list[dict[str, Any]]:
                 "would_promote": j.would_promote,
                 "reasons": []
                 if j.verdict is None
-                else [r.reason.replace(f"production v{j.champion_label}", f"champion ({j.champion_label})")
-                      for r in j.verdict.results],
+                else [
+                    r.reason.replace(f"production v{j.champion_label}", f"champion ({j.champion_label})")
+                    for r in j.verdict.results
+                ],
             }
         )
     return rows

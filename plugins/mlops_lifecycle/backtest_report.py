@@ -80,8 +80,16 @@ def render_csv(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     for r in rows:
         values = [_value(r[key], m) for m in metrics for key in ("challenger", "champion_metrics", "baseline")]
         writer.writerow(
-            [r["window_end"], r["horizon_end"], r["horizon"], r["would_promote"], r["champion"] or "",
-             *("" if v is None else f"{v:.6g}" for v in values), r["challenger_run"], r["champion_model"] or ""]
+            [
+                r["window_end"],
+                r["horizon_end"],
+                r["horizon"],
+                r["would_promote"],
+                r["champion"] or "",
+                *("" if v is None else f"{v:.6g}" for v in values),
+                r["challenger_run"],
+                r["champion_model"] or "",
+            ]
         )
     return out.getvalue()
 
@@ -93,8 +101,7 @@ def render_json(header: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
 def render_table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     """A plain-text table for logs and the command line."""
     lines = [
-        f"{'window end':<12} {'horizon':<9} {'verdict':<10} "
-        + " ".join(f"{m + ' (chall/champ)':>26}" for m in metrics)
+        f"{'window end':<12} {'horizon':<9} {'verdict':<10} " + " ".join(f"{m + ' (chall/champ)':>26}" for m in metrics)
     ]
     for r in rows:
         verdict = {True: "PROMOTE", False: "reject", None: "-"}[r["would_promote"]]

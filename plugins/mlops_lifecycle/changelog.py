@@ -33,8 +33,11 @@ def md_code(value: object) -> str:
 def _link(label: str, url: str | None) -> str:
     from urllib.parse import quote
 
-    # whitespace, parentheses and the like are percent-encoded so a URL cannot end the link or the line
-    return f"[{md_text(label)}]({quote(url, safe=URL_SAFE)})" if url else md_code(label)
+    from mlops_lifecycle.urls import without_userinfo
+
+    # whitespace, parentheses and the like are percent-encoded so a URL cannot end the link or the line;
+    # credentials in a URL (user:password@) are never written into a changelog or merge request
+    return f"[{md_text(label)}]({quote(without_userinfo(url), safe=URL_SAFE)})" if url else md_code(label)
 
 
 @dataclass(frozen=True)

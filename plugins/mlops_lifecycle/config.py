@@ -1,13 +1,20 @@
 """The model line as configuration: one strict YAML file per line, validated before anything runs.
 
-``load_model_lines`` reads every ``*.yaml`` in the model-lines folder and returns the valid
-configs and, separately, one :class:`ModelLineConfigError` per invalid file, so one bad file never
-takes the other lines' DAGs down. Messages name the file, the field path, what was expected and
-what was found.
+``load_model_lines`` reads every ``*.yaml`` / ``*.yml`` in the model-lines folder (hidden files, such
+as editors' lock files, are not model lines) and returns the valid configs and, separately, one
+:class:`ModelLineConfigError` per invalid file, so one bad file never takes the other lines' DAGs
+down, whatever it does wrong. Messages name the file, the line and column, the field path, what was
+expected and what was found, and the nearest allowed key for a misspelt one.
+
+Strict: no type coercion (``retries: true`` is not 1, ``timezone: NO`` is not a string), finite
+numbers, names matching patterns, file paths that stay inside ``include/``, gate metrics that the
+training entrypoint declares (its ``METRICS`` tuple, read without importing it).
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
 import re
 from collections.abc import Mapping
 from datetime import date
@@ -15,23 +22,41 @@ from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlops_lifecycle import paths
 from mlops_lifecycle.exceptions import ModelLineConfigError
+from mlops_lifecycle.yaml_source import Source, YamlProblem
 
-# libyaml's safe loader parses ~10x faster than the pure-Python one (parse time of 100 lines)
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+SUFFIXES = (".yaml", ".yml")
 NAME_PATTERN = r"^[a-z][a-z0-9_]{2,48}$"
 ALIAS_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_-]{0,62}$"
 GCP_PROJECT_PATTERN = r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$"
 BQ_TABLE_PATTERN = r"[a-z][a-z0-9-]{4,28}[a-z0-9]\.[A-Za-z0-9_]+\.[A-Za-z0-9_$-]+"
 SQL_TABLE_REF = re.compile(r"{{\s*tables\.([A-Za-z_][A-Za-z0-9_]*)\s*}}")
+TAG_PATTERN = r"^[\w.:/-]{1,100}$"  # Airflow refuses DAG tags longer than 100 characters
+LOCAL_TABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"  # a DuckDB sample table: a name, never a path
+# ports the local stack already uses (Airflow API and log servers, MLflow, PostgreSQL, Redis, RabbitMQ)
+RESERVED_PORTS = {8080: "Airflow", 8793: "Airflow logs", 8794: "Airflow logs", 5000: "MLflow", 5432: "PostgreSQL"}
+RESERVED_PORTS |= {6379: "Redis", 5672: "RabbitMQ", 15672: "RabbitMQ"}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    # strict: YAML's true/false/"3" are not coerced to numbers, nor numbers to strings; inf/nan refused
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True, strict=True, allow_inf_nan=False)
+
+
+def inside_include(value: str) -> str:
+    """A path relative to include/ that stays inside it (no absolute path, no way out with ``..``)."""
+    if Path(value).is_absolute():
+        raise ValueError(f"'{value}' is absolute: paths are relative to include/")
+    root = paths.include_dir()
+    if not (root / value).resolve().is_relative_to(root):
+        raise ValueError(f"'{value}' leads outside include/ ({(root / value).resolve()})")
+    return value
+
+
+IncludePath = Annotated[str, Field(min_length=1), AfterValidator(inside_include)]
 
 
 class Owner(_Strict):
@@ -42,7 +67,7 @@ class Owner(_Strict):
 class Schedule(_Strict):
     cron: str = Field(description="Cron expression; each run's data interval is one cron period.")
     timezone: str = "UTC"
-    start_date: date
+    start_date: Annotated[date, Field(strict=False, description="ISO date (YYYY-MM-DD) of the first interval.")]
     catchup: bool = False
 
     @model_validator(mode="before")
@@ -61,8 +86,19 @@ class Schedule(_Strict):
     def _valid_cron(cls, value: str) -> str:
         from croniter import croniter
 
-        if value.startswith("@") or not croniter.is_valid(value):
+        if value.startswith("@") or len(value.split()) != 5 or not croniter.is_valid(value):
             raise ValueError(f"'{value}' is not a five-field cron expression (e.g. '0 3 * * 1' for Mondays 03:00)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"'{value}' is not an IANA time zone (e.g. 'UTC', 'Europe/Berlin')") from None
         return value
 
 
@@ -80,15 +116,31 @@ class Window(_Strict):
         return self
 
 
+def _tables_matching(tables: dict[str, str], pattern: str, rule: str) -> dict[str, str]:
+    bad = {k: v for k, v in tables.items() if not re.fullmatch(pattern, v)}
+    if bad:
+        raise ValueError(f"{rule}, got {bad}")
+    return tables
+
+
 class _ExtractCommon(_Strict):
-    sql: str = Field(description="Feature SQL in BigQuery dialect, relative to include/.")
-    tables: dict[str, str] = Field(min_length=1, description="Names used as {{ tables.NAME }} in the SQL.")
+    sql: IncludePath = Field(description="Feature SQL in BigQuery dialect, relative to include/.")
+    tables: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(
+        min_length=1, description="Names used as {{ tables.NAME }} in the SQL."
+    )
 
 
 class ExtractDuckDB(_ExtractCommon):
     """Embedded local adapter: DuckDB over generated sample data."""
 
     warehouse: Literal["duckdb"]
+
+    @field_validator("tables")
+    @classmethod
+    def _table_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return _tables_matching(
+            value, LOCAL_TABLE_PATTERN, "local sample tables are plain names (letters, digits, _), not paths"
+        )
 
 
 class ExtractBigQuery(_ExtractCommon):
@@ -104,17 +156,16 @@ class ExtractBigQuery(_ExtractCommon):
     @field_validator("tables")
     @classmethod
     def _fully_qualified(cls, value: dict[str, str]) -> dict[str, str]:
-        bad = {k: v for k, v in value.items() if not re.fullmatch(BQ_TABLE_PATTERN, v)}
-        if bad:
-            raise ValueError(f"BigQuery tables must be fully qualified as project.dataset.table, got {bad}")
-        return value
+        return _tables_matching(
+            value, BQ_TABLE_PATTERN, "BigQuery tables must be fully qualified as project.dataset.table"
+        )
 
 
 Extract = Annotated[ExtractDuckDB | ExtractBigQuery, Field(discriminator="warehouse")]
 
 
 class _TrainCommon(_Strict):
-    entrypoint: str = Field(description="Training script, relative to include/.")
+    entrypoint: IncludePath = Field(description="Training script, relative to include/.")
     target: str = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     timeout_minutes: int = Field(default=60, ge=1, le=24 * 60)
@@ -236,7 +287,11 @@ class ReviewLocalGit(_ReviewCommon):
     """Embedded local adapter: a branch of a local git repository + Airflow human-in-the-loop approval."""
 
     backend: Literal["local_git"]
-    repository: str = Field(default="deploy-repo", description="Deployment repository, relative to the local home.")
+    repository: str = Field(
+        default="deploy-repo",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="Deployment repository: a folder name in the local home.",
+    )
     auto_approve: bool = Field(default=False, description="Approve without a human (demo and tests).")
 
 
@@ -280,6 +335,19 @@ class DeployLocal(_DeployCommon):
     backend: Literal["local_process"]
     port: int = Field(ge=1024, le=65535, description="Loopback port of the local production service.")
 
+    @field_validator("port")
+    @classmethod
+    def _not_taken_by_the_stack(cls, value: int) -> int:
+        import os
+
+        taken = dict(RESERVED_PORTS)
+        for variable, user in (("AIRFLOW__API__PORT", "Airflow API"), ("MLOPS_MLFLOW_PORT", "MLflow")):
+            if os.environ.get(variable, "").isdigit():
+                taken[int(os.environ[variable])] = user
+        if value in taken:
+            raise ValueError(f"{value} is {taken[value]}'s port on this stack: choose another")
+        return value
+
 
 class DeployGitLabCI(_DeployCommon):
     """Production adapter: the deployment repository's GitLab CI deploys to each environment in order."""
@@ -303,7 +371,7 @@ class BacktestVariant(_Strict):
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of train.parameters for this variant."
     )
-    entrypoint: str | None = Field(default=None, description="Another training script, relative to include/.")
+    entrypoint: IncludePath | None = Field(default=None, description="Another training script, relative to include/.")
 
 
 class Backtest(_Strict):
@@ -327,6 +395,17 @@ class Backtest(_Strict):
         return value
 
 
+class Retention(_Strict):
+    """What the housekeeping task keeps (it never deletes what an alias or an audit record names)."""
+
+    keep_candidates: int = Field(
+        default=5, ge=1, le=1000, description="Newest registered versions kept besides aliased and audited ones."
+    )
+    snapshot_days: int = Field(
+        default=90, ge=1, le=3650, description="Snapshots nothing kept names are deleted once older than this."
+    )
+
+
 class Alerting(_Strict):
     emails: list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(default_factory=list)
     on_failure: bool = True
@@ -336,7 +415,7 @@ class ModelLineConfig(_Strict):
     model_line: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     owner: Owner
-    tags: list[str] = Field(default_factory=list)
+    tags: list[Annotated[str, Field(pattern=TAG_PATTERN)]] = Field(default_factory=list, max_length=20)
     retries: int = Field(default=2, ge=0, le=10)
     retry_delay_seconds: int = Field(default=60, ge=0, le=3600)
     schedule: Schedule
@@ -349,6 +428,7 @@ class ModelLineConfig(_Strict):
     deploy: Deploy
     alerting: Alerting = Field(default_factory=Alerting)
     backtest: Backtest = Field(default_factory=Backtest)
+    retention: Retention = Field(default_factory=Retention)
 
     @property
     def lifecycle_dag_id(self) -> str:
@@ -394,15 +474,24 @@ class ModelLineConfig(_Strict):
                     f"extract.tables: the SQL uses {{{{ tables.X }}}} for {missing} but tables only "
                     f"defines {sorted(self.extract.tables)}"
                 )
-        if not self.entrypoint_path.is_file():
-            problems.append(
-                f"train.entrypoint: file {self.entrypoint_path} does not exist (paths are relative to include/)"
-            )
+        entrypoints = {"train.entrypoint": self.train.entrypoint}
         for name, variant in self.backtest.variants.items():
-            if variant.entrypoint and not (paths.include_dir() / variant.entrypoint).is_file():
+            if variant.entrypoint:
+                entrypoints[f"backtest.variants.{name}.entrypoint"] = variant.entrypoint
+        for field, entrypoint in entrypoints.items():
+            path = paths.include_dir() / entrypoint
+            if not path.is_file():
+                problems.append(f"{field}: file {path} does not exist (paths are relative to include/)")
+                continue
+            declared = declared_metrics(path)
+            if isinstance(declared, str):
+                problems.append(f"{field}: {declared}")
+                continue
+            unknown = [m for m in self.gate.metrics if m not in declared]
+            if unknown:
                 problems.append(
-                    f"backtest.variants.{name}.entrypoint: file {paths.include_dir() / variant.entrypoint} does not "
-                    "exist (paths are relative to include/)"
+                    f"gate.metrics: {unknown} not computed by {entrypoint} (its METRICS: {sorted(declared)}); a gate "
+                    "metric that training never logs would reject every model"
                 )
         if (self.review.backend == "gitlab") != (self.deploy.backend == "gitlab_ci"):
             problems.append(
@@ -413,6 +502,34 @@ class ModelLineConfig(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def declared_metrics(entrypoint: Path) -> tuple[str, ...] | str:
+    """The ``METRICS`` tuple a training entrypoint declares at module level (read, not imported), or what is wrong."""
+    try:
+        tree = ast.parse(entrypoint.read_bytes(), filename=str(entrypoint))
+    except (SyntaxError, ValueError, OSError) as exc:
+        return f"cannot read {entrypoint}: {exc}"
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value_node = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value_node = node.target, node.value
+        else:
+            continue
+        if not (isinstance(target, ast.Name) and target.id == "METRICS"):
+            continue
+        try:
+            value = ast.literal_eval(value_node)
+        except ValueError:
+            break
+        if isinstance(value, (tuple, list)) and value and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        break
+    return (
+        f"{entrypoint} declares no METRICS: a module-level tuple of the metric names it logs, e.g. "
+        'METRICS = ("mape", "r2"), so the gate can be checked before training'
+    )
 
 
 def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], Any]:
@@ -443,15 +560,34 @@ def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], Any]
     return shown, current
 
 
-def _format_error(error: Mapping[str, Any], model: type[BaseModel]) -> str:
+def _format_error(error: Mapping[str, Any], model: type[BaseModel], source: Source | None = None) -> str:
+    """One schema error as '<line, column>: <field path>: <what is wrong> (got <value>)'."""
     shown, _ = _walk(model, error["loc"])
+    kind = error["type"]
+    where = ""
+    if source is not None and shown:
+        where = source.where(shown[:-1] if kind == "missing" else shown, key=kind == "extra_forbidden") + ": "
+    return where + _describe(error, model, shown)
+
+
+def _describe(error: Mapping[str, Any], model: type[BaseModel], shown: list[str]) -> str:
     loc = ".".join(shown)
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, error["loc"][:-1])
-        hint = f" (allowed keys here: {', '.join(allowed)})" if allowed else ""
-        return f"{loc}: unknown key{hint}"
+        near = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        listing = f" (allowed keys here: {', '.join(allowed)})" if allowed else ""
+        return f"{loc}: unknown key{hint}{listing}"
     if error["type"] == "missing":
         return f"{loc}: required field is missing"
+    found = error.get("input")
+    if isinstance(found, bool) and error["type"] in ("string_type", "int_type", "float_type"):
+        expected = {"string_type": "a string", "int_type": "an integer", "float_type": "a number"}[error["type"]]
+        quote = "; quote the value if you meant text" if error["type"] == "string_type" else ""
+        return (
+            f"{loc}: expected {expected}, got the boolean {str(found).lower()} (YAML reads unquoted yes/no/on/off/"
+            f"true/false as booleans{quote})"
+        )
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         ctx = error.get("ctx", {})
         return (
@@ -461,7 +597,6 @@ def _format_error(error: Mapping[str, Any], model: type[BaseModel]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if not loc:  # cross-field checks name their own fields
         return message
-    found = error.get("input")
     if isinstance(found, (dict, list)) or found is None or error["type"].startswith("value_error"):
         return f"{loc}: {message}"
     return f"{loc}: {message} (got {found!r})"
@@ -477,39 +612,60 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 def load_model_line(path: Path) -> ModelLineConfig:
     """Read and validate one model-line file; raise :class:`ModelLineConfigError` naming the problems."""
+    from mlops_lifecycle import yaml_source
+
     shown = str(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=SAFE_LOADER)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ModelLineConfigError(shown, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        source = yaml_source.read(path)
+    except YamlProblem as exc:
+        raise ModelLineConfigError(shown, [str(exc)]) from None
     except OSError as exc:
-        raise ModelLineConfigError(shown, [f"cannot read file: {exc.strerror}"]) from None
+        hint = " (a broken symbolic link?)" if path.is_symlink() else ""
+        raise ModelLineConfigError(shown, [f"cannot read file: {exc.strerror or exc}{hint}"]) from None
+    raw = source.data
     if not isinstance(raw, dict):
         raise ModelLineConfigError(shown, [f"expected a mapping at the top level, got {type(raw).__name__}"])
     try:
         config = ModelLineConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ModelLineConfigError(shown, [_format_error(e, ModelLineConfig) for e in exc.errors()]) from None
+        raise ModelLineConfigError(shown, [_format_error(e, ModelLineConfig, source) for e in exc.errors()]) from None
     if config.model_line != path.stem:
-        raise ModelLineConfigError(shown, [f"model_line: '{config.model_line}' must equal the file name '{path.stem}'"])
+        where = source.where(["model_line"])
+        raise ModelLineConfigError(
+            shown, [f"{where}: model_line: '{config.model_line}' must equal the file name '{path.stem}'"]
+        )
     return config
 
 
 _LOADED: dict[tuple[object, ...], tuple[list[ModelLineConfig], list[ModelLineConfigError]]] = {}
 
 
+def model_line_files(folder: Path) -> list[Path]:
+    """The model-line files of ``folder``: ``*.yaml`` and ``*.yml``, not hidden (editors' lock and swap files)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if p.suffix in SUFFIXES and not p.name.startswith((".", "#", "~"))]
+
+
+def _stat(path: Path) -> tuple[str, int, int]:
+    try:
+        st = path.stat()
+    except OSError:  # a broken symbolic link: reported by load_model_line
+        return (path.name, -1, -1)
+    return (path.name, st.st_size, st.st_mtime_ns)
+
+
 def _folder_state(folder: Path) -> tuple[object, ...]:
-    """What the result depends on: every YAML file's name, size and mtime, and the include folder."""
-    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.yaml")))
-    return (str(folder), str(paths.include_dir()), files)
+    """What the result depends on: every model-line file's name, size and mtime, and the include folder."""
+    return (str(folder), str(paths.include_dir()), tuple(_stat(p) for p in model_line_files(folder)))
 
 
 def load_model_lines(
     folder: Path | None = None,
 ) -> tuple[list[ModelLineConfig], list[ModelLineConfigError]]:
-    """Validate every ``*.yaml`` in ``folder`` (cached per process while the files are unchanged).
+    """Validate every model-line file in ``folder`` (cached per process while the files are unchanged).
 
     Both DAG files of the folder ask for the same result when one process parses them both.
     """
@@ -522,21 +678,47 @@ def load_model_lines(
     return list(configs), list(errors)
 
 
-def _load_model_lines(folder: Path) -> tuple[list[ModelLineConfig], list[ModelLineConfigError]]:
-    """Validate every ``*.yaml`` in ``folder``; return (valid configs, one error per invalid file).
+def _load_one(path: Path) -> ModelLineConfig:
+    """``load_model_line``, with anything unexpected a file makes happen reported as that file's error."""
+    try:
+        return load_model_line(path)
+    except ModelLineConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever one file does wrong must not take the others down
+        raise ModelLineConfigError(str(path), [f"could not be loaded: {type(exc).__name__}: {exc}"]) from None
 
-    Lines that clash with an earlier valid line (same registered model, same service port) are
-    reported as errors too, and left out.
+
+def _load_model_lines(folder: Path) -> tuple[list[ModelLineConfig], list[ModelLineConfigError]]:
+    """Validate every model-line file in ``folder``; return (valid configs, one error per invalid file).
+
+    Two lines may not share a registered model or a service port. The file that has held it longer
+    (older modification time; the file name breaks a tie) keeps its line; the newcomer is refused, with
+    a message naming both files. So adding a file can never take a running line away.
     """
-    configs: list[ModelLineConfig] = []
+    loaded: list[tuple[Path, ModelLineConfig]] = []
     errors: list[ModelLineConfigError] = []
-    owners: dict[tuple[str, object], str] = {}
-    for path in sorted(folder.glob("*.yaml")):
+    names: dict[str, Path] = {}
+    for path in model_line_files(folder):
         try:
-            config = load_model_line(path)
+            config = _load_one(path)
         except ModelLineConfigError as exc:
             errors.append(exc)
             continue
+        if config.model_line in names:  # demand.yaml and demand.yml
+            twin = names[config.model_line]
+            errors.append(
+                ModelLineConfigError(str(path), [f"model_line: '{config.model_line}' is also defined by {twin}"])
+            )
+            continue
+        names[config.model_line] = path
+        loaded.append((path, config))
+
+    def seniority(item: tuple[Path, ModelLineConfig]) -> tuple[int, str]:
+        return (_stat(item[0])[2], item[0].name)
+
+    configs: list[ModelLineConfig] = []
+    owners: dict[tuple[str, object], Path] = {}
+    for path, config in sorted(loaded, key=seniority):
         clashes = []
         for field, value in (
             ("registry.model_name", config.registry.model_name),
@@ -544,11 +726,15 @@ def _load_model_lines(folder: Path) -> tuple[list[ModelLineConfig], list[ModelLi
         ):
             if value is None:
                 continue
-            first = owners.setdefault((field, value), config.model_line)
-            if first != config.model_line:
-                clashes.append(f"{field}: {value!r} is already used by model line '{first}'")
+            first = owners.setdefault((field, value), path)
+            if first != path:
+                clashes.append(
+                    f"{field}: {value!r} is already used by model line '{first.stem}' ({first}), which had it first; "
+                    "this line is left out until one of the two files changes it"
+                )
         if clashes:
             errors.append(ModelLineConfigError(str(path), clashes))
         else:
             configs.append(config)
+    configs.sort(key=lambda c: c.model_line)
     return configs, errors

@@ -4,6 +4,7 @@ The lifecycle DAG::
 
     route >> extract >> train >> gate >> stage >> <review and deploy> >> verify_serving >> promote
     (every step after stage that may fail) --one_failed--> restore_staging
+    extract >> housekeeping   (retention: bounded registry and disk, beside training)
 
 ``route`` sends a backfill run to the backtest instead (``backtest_extract >> backtest_train >>
 backtest_report``, the report only in the window that finishes last: nothing there writes to the
@@ -34,7 +35,7 @@ from zoneinfo import ZoneInfo
 from airflow.sdk import DAG, BaseOperator, CronDataIntervalTimetable, TriggerRule
 
 from mlops_lifecycle import paths
-from mlops_lifecycle.config import ModelLineConfig, load_model_lines
+from mlops_lifecycle.config import ModelLineConfig, load_model_lines, model_line_files
 from mlops_lifecycle.exceptions import ModelLineConfigError
 from mlops_lifecycle.operators.backtest import BacktestReportOperator
 from mlops_lifecycle.operators.deploy_gitlab_ci import AwaitDeploymentsOperator, AwaitPipelineOperator
@@ -42,6 +43,7 @@ from mlops_lifecycle.operators.deploy_local_process import LocalDeployOperator
 from mlops_lifecycle.operators.extract import ExtractOperator
 from mlops_lifecycle.operators.extract_bigquery import BigQueryExtractOperator
 from mlops_lifecycle.operators.extract_duckdb import DuckDBExtractOperator
+from mlops_lifecycle.operators.housekeeping import HousekeepingOperator
 from mlops_lifecycle.operators.registry import GateOperator, PromoteOperator, RestoreStagingOperator, StageOperator
 from mlops_lifecycle.operators.review_gitlab import AwaitMergeOperator, OpenMergeRequestOperator
 from mlops_lifecycle.operators.review_local_git import (
@@ -147,9 +149,7 @@ def _gitlab_review_and_deploy(common: dict[str, Any], train: BaseOperator, gate:
     deploy = AwaitDeploymentsOperator(
         task_id="await_deployments", merge=merged.output, pipeline=pipeline.output, **common
     )
-    return Delivery(
-        review, approval=merged, merge=merged, deploy=deploy, may_fail=[review, merged, pipeline, deploy]
-    )
+    return Delivery(review, approval=merged, merge=merged, deploy=deploy, may_fail=[review, merged, pipeline, deploy])
 
 
 #: (review.backend, deploy.backend) -> the builder of that pair's review-and-deploy tasks
@@ -182,7 +182,7 @@ def _backtest(config: ModelLineConfig, common: dict[str, Any]) -> BaseOperator:
     return extract
 
 
-def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
+def build_lifecycle_dag(config: ModelLineConfig, register: bool = True) -> DAG:
     """retrain-and-promote: data window -> trained, gated, reviewed, deployed, verified, promoted model."""
     tz = config.schedule.timezone
     default_args: dict[str, Any] = {
@@ -204,11 +204,14 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
         default_args=default_args,
         tags=sorted({"mlops", "lifecycle", f"line:{config.model_line}", f"team:{config.owner.team}", *config.tags}),
         doc_md=_doc(config),
+        auto_register=register,  # False: built only to see whether it can be (model_line_config_errors.py)
     ) as dag:
         common: dict[str, Any] = {"config": config}
         route = RouteRunOperator(task_id="route", **common)
         extract = EXTRACT[config.extract.warehouse](task_id="extract", **common)
         route >> [extract, _backtest(config, common)]
+        # beside training, once per lifecycle run (never in a backtest): bounded registry and disk
+        extract >> HousekeepingOperator(task_id="housekeeping", **common)
         train = TRAIN[config.train.backend](
             task_id="train",
             snapshot=extract.output,
@@ -239,11 +242,21 @@ def build_lifecycle_dag(config: ModelLineConfig) -> DAG:
     return dag
 
 
-def build_all() -> tuple[dict[str, DAG], list[ModelLineConfigError]]:
-    """Every valid model line's DAGs by dag_id, and the errors of the invalid ones."""
+def build_all(register: bool = True) -> tuple[dict[str, DAG], list[ModelLineConfigError]]:
+    """Every valid model line's DAGs by dag_id, and the errors of the invalid ones.
+
+    A line whose DAG cannot be built (whatever Airflow refuses that validation let through) is reported
+    as its file's error; the other lines' DAGs are built all the same.
+    """
     configs, errors = load_model_lines()
     dags: dict[str, DAG] = {}
     for config in configs:
-        dag = build_lifecycle_dag(config)
+        try:
+            dag = build_lifecycle_dag(config, register)
+        except Exception as exc:  # noqa: BLE001 - one line's problem must not take the others down
+            folder = paths.model_lines_dir()
+            path = next((p for p in model_line_files(folder) if p.stem == config.model_line), folder)
+            errors.append(ModelLineConfigError(str(path), [f"its DAG cannot be built: {type(exc).__name__}: {exc}"]))
+            continue
         dags[dag.dag_id] = dag
     return dags, errors

@@ -12,6 +12,7 @@ model service from the merged pin file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from datetime import UTC, date, datetime
@@ -35,6 +36,12 @@ PROJECT = "platform/model-deployments"
 SOURCE_TABLE = "acme-sales-prod.sales.daily_demand"
 SNAPSHOTS = "acme-mlops-prod.mlops_snapshots"
 EXAMPLE = yaml.safe_load((paths.include_dir() / "examples" / "production" / "demand_forecast.yaml").read_text())
+# a secret in every connection the line uses: none of them may show up anywhere people or other tools read
+CANARIES = {
+    "gitlab": "CANARY-gitlab-token-5f1c",
+    "databricks": "CANARY-dapi-token-9b2e",
+    "mlflow": "CANARY-mlflow-password-77aa",
+}
 
 
 def window(day: int, month: int) -> datetime:
@@ -63,13 +70,15 @@ class ProductionStack:
             monkeypatch.setenv(name, value)
         monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", self.bigquery.airflow_connection_json(key_path=key))
 
-        self.databricks = DatabricksStandIn(home / "databricks", base_env={**bq_env, "OMP_NUM_THREADS": "1"}).start()
+        self.databricks = DatabricksStandIn(
+            home / "databricks", base_env={**bq_env, "OMP_NUM_THREADS": "1"}, token=CANARIES["databricks"]
+        ).start()
         monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", self.databricks.airflow_connection_json())
 
         self.deployed: list[tuple[str, str]] = []
         self.serve_version_override: str | None = None
         self.gitlab = GitLabStandIn(
-            {"bot-token": "mlops-bot", "alice-token": "alice", "bob-token": "bob"},
+            {CANARIES["gitlab"]: "mlops-bot", "alice-token": "alice", "bob-token": "bob"},
             project_path=PROJECT,
             initial_files={"README.md": "Model deployments\n"},
             ci=CIPlan(environments=["dev", "staging", "production"], step_seconds=0.1, on_deploy=self._on_deploy),
@@ -77,7 +86,13 @@ class ProductionStack:
         ).start()
         monkeypatch.setenv(
             "AIRFLOW_CONN_GITLAB_DEFAULT",
-            json.dumps({"conn_type": "http", "host": self.gitlab.url, "password": "bot-token"}),
+            json.dumps({"conn_type": "http", "host": self.gitlab.url, "password": CANARIES["gitlab"]}),
+        )
+        # MLflow's UI address with credentials in it (a browser would use them): links must drop them
+        mlflow = json.loads(os.environ["AIRFLOW_CONN_MLFLOW_DEFAULT"])
+        ui = mlflow["extra"]["ui_url"].replace("://", f"://viewer:{CANARIES['mlflow']}@", 1)
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({**mlflow, "extra": {**mlflow["extra"], "ui_url": ui}})
         )
         self.write()
 
@@ -295,3 +310,43 @@ def test_production_serving_another_version_leaves_the_registry_as_it_was(prod):
     [withdrawn] = [e for e in events(after["versions"][candidate]) if e["event"] == "staging_withdrawn"]
     assert "verify_serving failed" in withdrawn["because"]
     assert devstack.service_version(prod.service_url)["model_version"] == serving
+
+
+def test_no_connection_secret_appears_in_logs_xcom_mlflow_changelogs_merge_requests_or_links(prod, capfd):
+    """Every connection carries a canary secret; after a lifecycle run nothing anyone reads holds one."""
+    capfd.readouterr()
+    result = prod.run(window(9, 11))
+    logs = "".join(capfd.readouterr())
+    assert result.state == "success", result.task_states
+    assert "Candidate:" in logs, "the task logs were not captured: the check below would prove nothing"
+
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
+
+    with create_session() as session:
+        xcoms = session.query(XComModel.key, XComModel.value).filter(XComModel.dag_id == DAG_ID).all()
+    links = [value for key, value in xcoms if key.startswith("_link_")]
+    assert links and any("#/experiments/" in str(v) for v in links), links
+    client = MlflowRegistryHook().client
+    experiment = client.get_experiment_by_name(f"/e2e/{LINE}")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    versions = client.search_model_versions(f"name='{LINE}'")
+    gitlab = [
+        *(json.dumps(mr) for mr in prod.gitlab.merge_requests),
+        *(json.dumps(prod.gitlab.notes(mr["iid"])) for mr in prod.gitlab.merge_requests),
+        *(json.dumps(prod.gitlab.commits_on(branch)) for branch in prod.gitlab.branches),
+        *(prod.gitlab.file_at("main", path) or "" for path in (f"changelog/{LINE}.md", f"models/{LINE}.yaml")),
+    ]
+    where = {
+        "task logs": logs,
+        "XCom (links included)": json.dumps([(k, v) for k, v in xcoms], default=str),
+        "MLflow run tags and params": json.dumps([(r.data.tags, r.data.params) for r in runs]),
+        "MLflow model version tags": json.dumps([dict(v.tags) for v in versions]),
+        "GitLab merge requests, notes, commits, changelog, pin": "\n".join(gitlab),
+        "Databricks run requests": json.dumps([run.spec for run in prod.databricks.runs.values()], default=str),
+    }
+    assert all(where.values()), {k: bool(v) for k, v in where.items()}
+    leaks = {place: name for place, text in where.items() for name, canary in CANARIES.items() if canary in text}
+    assert leaks == {}, f"connection secrets leaked: {leaks}"

@@ -51,6 +51,7 @@ DAG_ID = "demand_forecast__lifecycle"
 RUN_ID = "scheduled__2026-01-12T03:00:00+00:00"
 MANUAL_RUN_ID = "manual__2026-11-29T21:33:12.759156+00:00"
 INTERVAL = (datetime(2026, 1, 5, 3, tzinfo=UTC), datetime(2026, 1, 12, 3, tzinfo=UTC))
+NEXT = (datetime(2026, 1, 12, 3, tzinfo=UTC), datetime(2026, 1, 19, 3, tzinfo=UTC))
 TABLE = f"{SNAPSHOTS}.demand_forecast__20260105T0300_20260112T0300"
 BASE_JOB_ID = job_id_for("demand_forecast/20260105T0300-20260112T0300", RUN_ID)
 MARKETS = 12  # generate_daily_demand's default
@@ -210,7 +211,7 @@ def test_query_job_is_the_lines_sql_for_the_window_with_valid_labels(config, sta
     for bigquery_only in ("DATE_DIFF(date, DATE '1970-01-01', DAY)", "FLOAT64", "SAFE_DIVIDE(", "INT64"):
         assert bigquery_only in sql, f"the BigQuery dialect is sent untouched (no transpiling): {bigquery_only}"
     assert query["useLegacySql"] is False
-    assert query["writeDisposition"] == "WRITE_TRUNCATE"
+    assert query["writeDisposition"] == "WRITE_EMPTY", "a snapshot is never rewritten"
     assert query["destinationTable"] == {
         "projectId": PROJECT,
         "datasetId": "mlops_snapshots",
@@ -354,18 +355,42 @@ def test_a_failed_job_is_named_in_the_error(config, bare_standin) -> None:
     assert BASE_JOB_ID in str(failed.value), str(failed.value)
 
 
-def test_another_airflow_run_of_the_same_window_runs_the_query_again(config, standin) -> None:
-    """Current design: the job id (and the airflow-run label) include the Airflow run, so a second run of the
-    same window (e.g. a manual re-run next to the scheduled one) submits its own job and runs the query again;
-    WRITE_TRUNCATE keeps the one snapshot table at the window's rows."""
-    scheduled = run_to_result(standin, config, context())
-    manual = run_to_result(standin, config, context(run_id=MANUAL_RUN_ID))
+def test_another_airflow_run_of_the_same_window_reuses_its_snapshot_never_rewrites_it(
+    config, standin, tmp_path
+) -> None:
+    """A model may have been trained on the window's snapshot (and a re-run reuses that model): a second
+    Airflow run of the window (a manual re-run beside the scheduled one) reuses the snapshot even after
+    the source data changed, so the audit never names data the model did not see."""
+    from mlops_lifecycle.adapters.sample_data import generate_daily_demand
 
-    assert scheduled["table"] == manual["table"] == TABLE, "same window, same snapshot table"
-    assert scheduled["run_key"] == manual["run_key"]
-    assert manual["job_id"] != scheduled["job_id"] and manual["reused"] is False
-    assert standin.query_executions == 2 and len(standin.jobs) == 2
-    assert len(standin.table_rows(TABLE)) == MARKETS * LOOKBACK_DAYS, "truncated, not appended"
+    scheduled = run_to_result(standin, config, context())
+    before = standin.table_rows(TABLE)
+    changed = tmp_path / "restated.parquet"  # the source is restated: every day's sales change
+    restated = generate_daily_demand(date(2023, 10, 1), date(2026, 3, 31))
+    restated["units_sold"] = restated["units_sold"] + 1
+    restated.to_parquet(changed, index=False)
+    standin.load_table(SOURCE, changed)
+
+    manual = operator(config).execute(context(run_id=MANUAL_RUN_ID))  # no deferral: nothing to wait for
+
+    assert manual["table"] == scheduled["table"] == TABLE and manual["reused"] is True
+    assert manual["job_id"] == scheduled["job_id"], "the job that wrote the snapshot, named in the audit"
+    assert standin.query_executions == 1 and len(standin.jobs) == 1
+    assert standin.table_rows(TABLE) == before, "the snapshot a model was trained on was rewritten"
+
+
+def test_two_runs_racing_for_one_window_leave_one_snapshot(config, standin) -> None:
+    """Both submit before either finishes: the second job finds the table written (WRITE_EMPTY) and its run
+    reuses the first one's snapshot instead of failing or overwriting it."""
+    first, second = deferral(config, context()), deferral(config, context(run_id=MANUAL_RUN_ID))
+    standin.finish_job(first.trigger.job_id)
+    scheduled = operator(config).execute_complete(context(), event_of(first), **first.kwargs)
+    standin.finish_job(second.trigger.job_id)
+    manual = operator(config).execute_complete(context(run_id=MANUAL_RUN_ID), event_of(second), **second.kwargs)
+
+    assert standin.job(second.trigger.job_id).error_result["reason"] == "duplicate"
+    assert manual["reused"] is True and manual["job_id"] == scheduled["job_id"] == first.trigger.job_id
+    assert len(standin.table_rows(TABLE)) == MARKETS * LOOKBACK_DAYS
 
 
 # -- empty windows, kill ------------------------------------------------------------------------------
@@ -467,3 +492,40 @@ def test_window_dates_in_the_sql_follow_the_interval(config) -> None:
     assert window.window_end - window.train_start == timedelta(days=LOOKBACK_DAYS)
     sql = render_sql(config.sql_path.read_text(), dict(config.extract.tables), window.train_start, window.window_end)
     assert "DATE '2024-01-13'" in sql and "DATE '2026-01-12'" in sql
+
+
+# -- retention ---------------------------------------------------------------------------------------
+def test_a_snapshot_expires_unless_an_audit_record_names_it(config, standin, mlflow_server, monkeypatch) -> None:
+    """Snapshot tables expire retention.snapshot_days after they are written; housekeeping takes the
+    expiration off the ones a kept version's audit record names, and leaves the others to expire."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from mlops_lifecycle.operators.housekeeping import HousekeepingOperator
+
+    named = run_to_result(standin, config, context())
+    other = run_to_result(standin, config, context(run_id="scheduled__2026-01-19T03:00:00+00:00", interval=NEXT))
+    client = operator(config).client()
+    expires = client.get_table(named["table"]).expires
+    days = (expires - datetime.now(UTC)).total_seconds() / 86400
+    assert config.retention.snapshot_days - 1 < days <= config.retention.snapshot_days
+
+    name = f"bq_retention_{uuid.uuid4().hex[:8]}"
+    line = config.model_copy(update={"registry": config.registry.model_copy(update={"model_name": name})})
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({"conn_type": "http", "extra": {"tracking_uri": mlflow_server.url}})
+    )
+    mlflow = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    experiment = mlflow.create_experiment(f"/tests/{name}")
+    run = mlflow.create_run(experiment)
+    mlflow.create_registered_model(name)
+    version = mlflow.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    mlflow.set_model_version_tag(name, version, "audit.snapshot", named["uri"])
+    mlflow.set_model_version_tag(name, version, "audit.event.0001", json.dumps({"event": "staged"}))
+
+    summary = HousekeepingOperator(task_id="housekeeping", config=line).execute(context())
+
+    assert summary["bigquery_snapshots_kept"] == [named["uri"]]
+    assert client.get_table(named["table"]).expires is None, "a snapshot the audit names must never expire"
+    assert client.get_table(other["table"]).expires is not None, "the rest expire as set"

@@ -96,7 +96,8 @@ def test_lifecycle_shape_tags_owner_and_retries(shipped):
         "promote",
     ]
     backtest = ["backtest_extract", "backtest_train", "backtest_report"]
-    assert set(dag["tasks"]) == {*chain, "restore_staging", *backtest}
+    assert set(dag["tasks"]) == {*chain, "restore_staging", "housekeeping", *backtest}
+    assert dag["downstream"]["extract"] == ["housekeeping", "train"]  # once per lifecycle run, never in a backtest
     for upstream, downstream in [*zip(chain, chain[1:], strict=False), *zip(backtest, backtest[1:], strict=False)]:
         assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
     assert set(dag["downstream"]["route"]) == {"extract", "backtest_extract"}  # a backfill branches to the backtest
@@ -147,6 +148,7 @@ def test_production_adapters_build_their_dag_without_importing_providers_or_clie
     assert set(dag["tasks"]) == {
         *chain,
         "restore_staging",
+        "housekeeping",
         "backtest_extract",
         "backtest_train",
         "backtest_report",

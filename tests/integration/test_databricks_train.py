@@ -62,6 +62,8 @@ INTERVAL = (datetime(2026, 1, 5, 3, tzinfo=UTC), datetime(2026, 1, 12, 3, tzinfo
 FAKE_TRAIN = '''\
 """Stands for include/training/lifecycle_training.py: same CLI, same MLflow footprint, no model."""
 
+METRICS = ("mape", "rmse", "mae", "r2")
+
 import argparse
 import json
 import os

@@ -39,7 +39,9 @@ LOCAL_HOME = "/opt/airflow/local"
 # The only secrets this file may hold: interpolations whose defaults are documented local defaults.
 DOCUMENTED_LOCAL_DEFAULTS = {"POSTGRES_PASSWORD": "airflow"}
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|FERNET|PRIVATE|_KEY$")
-INTERPOLATION = re.compile(r"\$\{(?P<var>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
+INTERPOLATION = re.compile(r"\$\{(?P<var>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*)|:\?(?P<required>[^}]*))?\}")
+# secrets compose refuses to start without (``${VAR:?message}``): no default could be safe
+REQUIRED_SECRETS = {"MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"}
 URI_PASSWORD = re.compile(r"://[^/:@\s]+:(?P<password>[^@\s]+)@")
 
 Problems = list[str]
@@ -247,8 +249,8 @@ def airflow_environment(text: str) -> Problems:
     match = re.fullmatch(r"postgresql\+psycopg2://[^@]+@(?P<host>[\w-]+)(:\d+)?/\w+", conn)
     if not match or match["host"] not in services:
         problems.append(f"SQL_ALCHEMY_CONN {conn!r} is not postgresql+psycopg2 on a compose service")
-    if "8080:8080" not in (services.get("airflow-apiserver", {}).get("ports") or []):
-        problems.append("airflow-apiserver does not publish 8080, which EXECUTION_API_SERVER_URL uses")
+    if "127.0.0.1:8080:8080" not in (services.get("airflow-apiserver", {}).get("ports") or []):
+        problems.append("airflow-apiserver does not publish 8080 on the host's loopback (127.0.0.1:8080:8080)")
     try:
         mlflow_conn = json.loads(env.get("AIRFLOW_CONN_MLFLOW_DEFAULT", ""))
     except json.JSONDecodeError:
@@ -256,6 +258,10 @@ def airflow_environment(text: str) -> Problems:
     else:
         mlflow_port = flag_value(_command(services.get("mlflow", {})), "--port")
         wanted = {"conn_type": "http", "host": "mlflow", "port": int(mlflow_port or 0), "schema": "http"}
+        wanted |= {
+            "login": "${MLFLOW_ADMIN_USER:-admin}",
+            "password": "${MLFLOW_ADMIN_PASSWORD:?set MLFLOW_ADMIN_PASSWORD}",
+        }
         if mlflow_conn != wanted or "mlflow" not in services:
             problems.append(f"AIRFLOW_CONN_MLFLOW_DEFAULT {mlflow_conn} does not reach the mlflow service")
     for name, service in services.items():
@@ -290,6 +296,18 @@ def mlflow_server(text: str) -> Problems:
         problems.append("mlflow has no --artifacts-destination")
     if flag_value(command, "--host") != "0.0.0.0":
         problems.append("mlflow does not listen on 0.0.0.0")
+    service = _services(text).get("mlflow", {})
+    if flag_value(command, "--app-name") != "basic-auth":
+        problems.append("mlflow runs without --app-name basic-auth: anyone on the network can move aliases")
+    env = _env(service)
+    if env.get("MLFLOW_AUTH_CONFIG_PATH") not in [v.split(":")[1] for v in service.get("volumes") or [] if ":" in v]:
+        problems.append("mlflow's MLFLOW_AUTH_CONFIG_PATH is not a mounted file")
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        match = INTERPOLATION.fullmatch(env.get(key, ""))
+        if not match or match["required"] is None:
+            problems.append(f"mlflow {key} is not a required ${{VAR:?...}}")
+    if service.get("ports") != ["127.0.0.1:5000:5000"]:
+        problems.append(f"mlflow publishes {service.get('ports')}, not on the host's loopback only")
     return problems
 
 
@@ -302,6 +320,8 @@ def secrets(text: str) -> Problems:
         match = INTERPOLATION.fullmatch(value)
         if not match:
             problems.append(f"{where}: secret literal {value!r}")
+        elif match["required"] is not None and match["var"] not in REQUIRED_SECRETS:
+            problems.append(f"{where}: ${{{match['var']}:?}} is not a documented required secret")
         elif match["default"] is not None and DOCUMENTED_LOCAL_DEFAULTS.get(match["var"]) != match["default"]:
             problems.append(f"{where}: undocumented default for ${{{match['var']}}}")
 
@@ -391,6 +411,16 @@ MUTATIONS = [
         "      - --workers\n      - 1,",
     ),
     ("mlflow_server", "@postgres:5432/mlflow", "@postgres:5432/airflow"),
+    ("mlflow_server", "      - --app-name\n      - basic-auth\n", ""),
+    ("mlflow_server", '      - "127.0.0.1:5000:5000"', '      - "5000:5000"'),
+    (
+        "mlflow_server",
+        "MLFLOW_AUTH_ADMIN_PASSWORD: ${MLFLOW_ADMIN_PASSWORD:?set MLFLOW_ADMIN_PASSWORD}",
+        "MLFLOW_AUTH_ADMIN_PASSWORD: ${MLFLOW_ADMIN_PASSWORD:-admin}",
+    ),
+    ("mlflow_server", "      - ./config/mlflow_basic_auth.ini:/etc/mlflow/basic_auth.ini:ro\n", ""),
+    ("airflow_environment", '      - "127.0.0.1:8080:8080"', '      - "8080:8080"'),
+    ("airflow_environment", ', "login": "${MLFLOW_ADMIN_USER:-admin}"', ""),
     ("secrets", "    POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:-airflow}", "    POSTGRES_PASSWORD: hunter2"),
     (
         "secrets",

@@ -56,6 +56,8 @@ def build_model(workdir: Path) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
     import sklearn
+    import skops
+    import skops.io
     from mlflow.models import infer_signature
     from sklearn.compose import ColumnTransformer
     from sklearn.linear_model import Ridge
@@ -96,10 +98,13 @@ def build_model(workdir: Path) -> dict[str, Any]:
             info = mlflow.sklearn.log_model(
                 pipeline,
                 name="model",
+                # the one format the lifecycle loads (model_service.model_format), as training writes it
+                serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
+                skops_trusted_types=skops.io.get_untrusted_types(data=skops.io.dumps(pipeline)) or None,
                 signature=infer_signature(frame, pipeline.predict(frame)),
                 input_example=example,
                 # Explicit requirements: skips MLflow's inference, a ~10 s child process that imports the model.
-                pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+                pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"skops=={skops.__version__}"],
             )
             golden_set = {"rows": records(golden), "predictions": [float(p) for p in pipeline.predict(golden)]}
             if log_golden:

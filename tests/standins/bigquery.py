@@ -181,6 +181,7 @@ class TableMeta:
     description: str | None = None
     created_ms: int = field(default_factory=_now_ms)
     modified_ms: int = field(default_factory=_now_ms)
+    expiration_ms: int | None = None  # BigQuery deletes the table at this time
 
 
 @dataclass
@@ -299,6 +300,7 @@ class BigQueryStandIn(StandIn):
         api("POST", f"{P}/datasets/(?P<dataset>[^/]+)/tables", self._insert_table)
         api("GET", f"{P}/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)", self._get_table)
         api("DELETE", f"{P}/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)", self._delete_table)
+        api("PATCH", f"{P}/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)", self._patch_table)
         api("GET", f"{P}/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)/data", self._list_rows)
 
     # -- lifecycle, addresses, credentials -----------------------------------------------------
@@ -537,6 +539,10 @@ class BigQueryStandIn(StandIn):
     def _require_table(self, project: str, dataset: str, table: str) -> TableMeta:
         self._require_dataset(project, dataset)
         found = self._tables.get((project, dataset, table))
+        if found is not None and found.expiration_ms is not None and found.expiration_ms <= _now_ms():
+            self._db.execute(f"DROP TABLE {_q(self._schema(project, dataset))}.{_q(table)}")  # expired
+            del self._tables[(project, dataset, table)]
+            found = None
         if found is None:
             raise ApiError(404, "notFound", f"Not found: Table {project}:{dataset}.{table}")
         return found
@@ -724,6 +730,8 @@ class BigQueryStandIn(StandIn):
             meta.labels = dict(props["labels"])
         if "description" in props:
             meta.description = props["description"]
+        if props.get("expirationTime") is not None:
+            meta.expiration_ms = int(props["expirationTime"])
 
     def _rows(
         self, relation: str, schema: list[dict[str, Any]], start: int, count: int, int64_timestamps: bool
@@ -1017,6 +1025,7 @@ class BigQueryStandIn(StandIn):
             "location": self._datasets[(t.project, t.dataset)].location,
             "labels": t.labels,
             **({"description": t.description} if t.description else {}),
+            **({"expirationTime": str(t.expiration_ms)} if t.expiration_ms is not None else {}),
         }
 
     def _list_tables(self, req: Request, user: str, project: str, dataset: str) -> Response:
@@ -1067,6 +1076,22 @@ class BigQueryStandIn(StandIn):
     def _get_table(self, req: Request, user: str, project: str, dataset: str, table: str) -> Response:
         with self.lock:
             return Response(200, self._table_resource(self._require_table(project, dataset, table)))
+
+    def _patch_table(self, req: Request, user: str, project: str, dataset: str, table: str) -> Response:
+        """tables.patch: description, labels and expirationTime (null: never expires)."""
+        body = req.json() or {}
+        with self.lock:
+            meta = self._require_table(project, dataset, table)
+            if "expirationTime" in body:
+                value = body["expirationTime"]
+                meta.expiration_ms = None if value is None else int(value)
+            if "description" in body:
+                meta.description = body["description"]
+            if "labels" in body:
+                meta.labels = {k: v for k, v in {**meta.labels, **(body["labels"] or {})}.items() if v is not None}
+            meta.modified_ms = _now_ms()
+            self._save_meta()
+            return Response(200, self._table_resource(meta))
 
     def _delete_table(self, req: Request, user: str, project: str, dataset: str, table: str) -> Response:
         with self.lock:

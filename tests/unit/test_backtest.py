@@ -168,8 +168,14 @@ def test_bad_backtest_sections_name_the_field(tmp_path: Path, backtest: dict, me
 def test_the_report_renders_every_window(tmp_path: Path) -> None:
     judged = judge(config(), [window("2026-01-05", 0.1), window("2026-01-12", None)], scorer({}))
     rows = summary_rows(judged)
-    header = {"model_line": "demand_forecast", "variant": "baseline", "backtest_id": "baseline-x",
-              "champion_mode": "chain", "horizon_days": 7, "code_revision": "abc"}
+    header = {
+        "model_line": "demand_forecast",
+        "variant": "baseline",
+        "backtest_id": "baseline-x",
+        "champion_mode": "chain",
+        "horizon_days": 7,
+        "code_revision": "abc",
+    }
     page = render_html(header, rows, ["mape", "r2"])
     assert "would promote" in page and "horizon not in the data yet" in page and 'src="mape.png"' in page
     assert render_plot(rows, "mape", "t")[:8] == b"\x89PNG\r\n\x1a\n"

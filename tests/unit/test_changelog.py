@@ -81,3 +81,12 @@ def test_promotion_names_approvers_deployments_and_rollback_target():
 
 def test_pin_file_quotes_the_version():
     assert 'model_version: "3"' in render_pin("demand_forecast", "demand_forecast", "3", "abc")
+
+
+def test_credentials_in_a_url_never_reach_the_changelog_or_the_merge_request():
+    from mlops_lifecycle.changelog import render_merge_request
+
+    p = proposal(run_url="https://user:CANARY-secret@mlflow.example.com/#/experiments/1/runs/abc")
+    for text in (render_proposal(p), render_merge_request(p, ["alice"], 1)):
+        assert "CANARY" not in text and "user:" not in text
+        assert "https://mlflow.example.com/#/experiments/1/runs/abc" in text

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,7 +44,7 @@ def test_shipped_model_lines_are_valid_and_different():
 CASES = {
     "unknown_key": (
         lambda d: d["train"].update(paramters={}),
-        "train.paramters: unknown key (allowed keys here: backend, entrypoint,",
+        "train.paramters: unknown key; did you mean 'parameters'? (allowed keys here: backend, entrypoint,",
     ),
     "missing_section": (lambda d: d.pop("gate"), "gate: required field is missing"),
     "bad_name": (lambda d: d.update(model_line="Demand Forecast"), "model_line: String should match pattern"),
@@ -125,6 +128,58 @@ CASES = {
         lambda d: d.update(retries=-1),
         "retries: Input should be greater than or equal to 0 (got -1)",
     ),
+    # accepted before, but wrong: no coercion, finite numbers, names and paths that stay where they belong
+    "retries_boolean": (lambda d: d.update(retries=True), "retries: expected an integer, got the boolean true"),
+    "retries_string": (lambda d: d.update(retries="3"), "retries: Input should be a valid integer (got '3')"),
+    "threshold_infinite": (
+        lambda d: d["gate"]["metrics"]["mape"].update(threshold=float("inf")),
+        "gate.metrics.mape.threshold: Input should be a finite number",
+    ),
+    "gate_metric_never_logged": (
+        lambda d: d["gate"]["metrics"].update(accuracy={"direction": "maximize", "threshold": 0.9}),
+        "gate.metrics: ['accuracy'] not computed by training/demand_forecast.py (its METRICS: "
+        "['mae', 'mape', 'r2', 'rmse'])",
+    ),
+    "six_field_cron": (
+        lambda d: d["schedule"].update(cron="0 0 3 * * 1"),
+        "schedule.cron: '0 0 3 * * 1' is not a five-field cron expression",
+    ),
+    "timezone_yaml_boolean": (
+        lambda d: d["schedule"].update(timezone=False),
+        "schedule.timezone: expected a string, got the boolean false (YAML reads unquoted yes/no/on/off",
+    ),
+    "timezone_unknown": (
+        lambda d: d["schedule"].update(timezone="Mars/Olympus_Mons"),
+        "schedule.timezone: 'Mars/Olympus_Mons' is not an IANA time zone",
+    ),
+    "impossible_date": (
+        lambda d: d["schedule"].update(start_date="2026-02-30"),
+        "schedule.start_date: Input should be a valid date",
+    ),
+    "tag_too_long": (lambda d: d.update(tags=["x" * 101]), "tags.0: String should match pattern"),
+    "sql_absolute": (lambda d: d["extract"].update(sql="/etc/passwd"), "extract.sql: '/etc/passwd' is absolute"),
+    "sql_outside_include": (
+        lambda d: d["extract"].update(sql="../README.md"),
+        "extract.sql: '../README.md' leads outside include/",
+    ),
+    "entrypoint_outside_include": (
+        lambda d: d["train"].update(entrypoint="training/../../scripts/demo.py"),
+        "train.entrypoint: 'training/../../scripts/demo.py' leads outside include/",
+    ),
+    "variant_entrypoint_outside_include": (
+        lambda d: d["backtest"]["variants"]["shallow"].update(entrypoint="/tmp/x.py"),
+        "backtest.variants.shallow.entrypoint: '/tmp/x.py' is absolute",
+    ),
+    "review_repository_path": (
+        lambda d: d["review"].update(repository="../../elsewhere"),
+        "review.repository: String should match pattern",
+    ),
+    "duckdb_table_is_a_path": (
+        lambda d: d["extract"]["tables"].update(daily_demand="../../secrets/table"),
+        "extract.tables: local sample tables are plain names (letters, digits, _), not paths, got",
+    ),
+    "port_of_airflow": (lambda d: d["deploy"].update(port=8080), "deploy.port: 8080 is Airflow's port on this stack"),
+    "port_of_mlflow": (lambda d: d["deploy"].update(port=5000), "deploy.port: 5000 is MLflow's port on this stack"),
 }
 
 
@@ -212,6 +267,53 @@ def test_each_rule_fails_with_a_message_naming_file_and_field(tmp_path, case):
     assert expected in message, message
 
 
+SHIPPED_TEXT = (paths.include_dir() / "model_lines" / "demand_forecast.yaml").read_text()
+
+# what only the file's text can show (the dict cases above go through yaml.safe_dump)
+TEXT_CASES = {
+    "impossible_date_unquoted": (
+        SHIPPED_TEXT.replace("start_date: 2026-01-05", "start_date: 2026-02-30"),
+        "schedule.start_date: Input should be a valid date",
+    ),
+    "duplicate_key": (
+        SHIPPED_TEXT.replace("retries: 2\n", "retries: 2\nretries: 5\n"),
+        "duplicate key 'retries' (first at line",
+    ),
+    "alias_expansion": (
+        "base: &b {a: [1, 2, 3]}\n" + SHIPPED_TEXT.replace("  parameters:", "  parameters: {x: *b}\n  _:", 1),
+        "YAML aliases (*name) are not allowed",
+    ),
+    "merge_key": ("a: &a {x: 1}\nb:\n  <<: *a\n", "YAML merge keys (<<) are not allowed"),
+    "too_big": ("# " + "x" * 300_000 + "\n" + SHIPPED_TEXT, "a model-line file is at most 262144 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_CASES))
+def test_each_text_problem_names_the_file_line_and_column(tmp_path, case):
+    text, expected = TEXT_CASES[case]
+    path = tmp_path / "demand_forecast.yaml"
+    path.write_text(text)
+    with pytest.raises(ModelLineConfigError) as info:
+        load_model_line(path)
+    message = str(info.value)
+    assert str(path) in message and expected in message, message
+
+
+def test_errors_give_the_line_and_column_of_the_value(tmp_path):
+    path = tmp_path / "demand_forecast.yaml"
+    path.write_text(SHIPPED_TEXT.replace("retries: 2\n", "retries: true\n"))
+    line = 1 + SHIPPED_TEXT.splitlines().index("retries: 2")
+    with pytest.raises(ModelLineConfigError, match=rf"line {line}, column 10: retries: expected an integer"):
+        load_model_line(path)
+
+
+def test_non_utf8_bytes_are_named_with_their_line(tmp_path):
+    path = tmp_path / "demand_forecast.yaml"
+    path.write_bytes(SHIPPED_TEXT.replace("description:", "description: caf\xe9", 1).encode("latin-1"))
+    with pytest.raises(ModelLineConfigError, match=r"line \d+: not UTF-8 \(byte 0xe9"):
+        load_model_line(path)
+
+
 def test_file_name_must_match_model_line(tmp_path):
     path = write(tmp_path, "other_name", BASE)
     with pytest.raises(
@@ -248,11 +350,80 @@ def test_one_bad_file_does_not_hide_the_good_ones(tmp_path):
 
 
 def test_lines_may_not_share_a_registered_model_or_port(tmp_path):
-    """Files are read in name order: the first keeps the name and port, the later one is reported."""
+    """The line that had the name and port first keeps them; the newcomer is refused, naming both files."""
+    import os
+
+    first = write(tmp_path, "demand_forecast", BASE)
+    os.utime(first, (1_700_000_000, 1_700_000_000))  # in the folder long before the newcomer
+    write(tmp_path, "aaa_newcomer", mutate(lambda d: d.update(model_line="aaa_newcomer")))  # sorts first
+    configs, errors = load_model_lines(tmp_path)
+    assert [c.model_line for c in configs] == ["demand_forecast"], "adding a file took a running line away"
+    message = str(errors[0])
+    assert "aaa_newcomer.yaml" in message.splitlines()[0]
+    assert (
+        f"registry.model_name: 'demand_forecast' is already used by model line 'demand_forecast' ({first})" in message
+    )
+    assert "deploy.port: 8601 is already used" in message
+
+
+def test_yml_files_are_model_lines_too_and_hidden_files_are_not(tmp_path):
     write(tmp_path, "demand_forecast", BASE)
-    write(tmp_path, "demand_later", mutate(lambda d: d.update(model_line="demand_later")))
+    (tmp_path / "high_demand_alert.yml").write_text(
+        (paths.include_dir() / "model_lines" / "high_demand_alert.yaml").read_text()
+    )
+    (tmp_path / ".#demand_forecast.yaml").symlink_to(tmp_path / "nowhere")  # an editor's lock file
+    (tmp_path / ".demand_forecast.yaml.swp").write_bytes(b"\x00\x01")
+    configs, errors = load_model_lines(tmp_path)
+    assert [c.model_line for c in configs] == ["demand_forecast", "high_demand_alert"] and errors == []
+
+
+def test_a_broken_symlink_is_its_own_error(tmp_path):
+    write(tmp_path, "demand_forecast", BASE)
+    (tmp_path / "gone_line.yaml").symlink_to(tmp_path / "moved_away.yaml")
     configs, errors = load_model_lines(tmp_path)
     assert [c.model_line for c in configs] == ["demand_forecast"]
-    message = str(errors[0])
-    assert "registry.model_name: 'demand_forecast' is already used by model line 'demand_forecast'" in message
-    assert "deploy.port: 8601 is already used" in message
+    assert "gone_line.yaml" in str(errors[0]) and "a broken symbolic link?" in str(errors[0])
+
+
+def test_one_line_in_two_files_is_refused_once(tmp_path):
+    write(tmp_path, "demand_forecast", BASE)
+    (tmp_path / "demand_forecast.yml").write_text(yaml.safe_dump(BASE))
+    configs, errors = load_model_lines(tmp_path)
+    assert [c.model_line for c in configs] == ["demand_forecast"]
+    assert "model_line: 'demand_forecast' is also defined by" in str(errors[0])
+
+
+# -- the same validation outside Airflow, and the JSON Schema for editors --------------------------------
+def validate_command(*args: str) -> subprocess.CompletedProcess:
+    script = paths.REPO_ROOT / "scripts" / "validate_model_lines.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_validate_command_passes_the_shipped_lines_and_names_a_bad_file(tmp_path):
+    done = validate_command(str(paths.include_dir() / "model_lines"))
+    assert done.returncode == 0 and "2 valid model line(s): demand_forecast, high_demand_alert" in done.stdout
+    for shipped in (paths.include_dir() / "model_lines").glob("*.yaml"):
+        (tmp_path / shipped.name).write_text(shipped.read_text())
+    bad = tmp_path / "demand_forecast.yaml"
+    bad.write_text(bad.read_text().replace("timezone: UTC", "timezone: NO"))
+
+    done = validate_command(str(tmp_path))
+
+    assert done.returncode == 1
+    assert f"Invalid model-line config {bad}" in done.stderr
+    assert "schedule.timezone: expected a string, got the boolean false" in done.stderr
+    assert "1 valid model line(s): high_demand_alert; 1 invalid file(s)" in done.stdout
+
+
+def test_the_json_schema_accepts_the_shipped_lines_and_refuses_an_unknown_key(tmp_path):
+    import jsonschema
+
+    from mlops_lifecycle import yaml_source
+
+    assert validate_command("--json-schema", str(tmp_path / "schema.json")).returncode == 0
+    schema = json.loads((tmp_path / "schema.json").read_text())
+    for shipped in (paths.include_dir() / "model_lines").glob("*.yaml"):
+        jsonschema.validate(yaml_source.read(shipped).data, schema)  # editors complete from it
+    misspelt = {**yaml_source.read(paths.include_dir() / "model_lines" / "demand_forecast.yaml").data, "retires": 3}
+    with pytest.raises(jsonschema.ValidationError, match="retires"):
+        jsonschema.validate(misspelt, schema)

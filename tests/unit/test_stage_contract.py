@@ -54,9 +54,7 @@ LEAKS = {
         '"DeploymentRepository" has no attribute "merge"',
     ),
     "a field no stage promises": (
-        "from mlops_lifecycle.contract import Candidate\n"
-        "def f(c: Candidate) -> str:\n"
-        "    return c['pipeline_id']\n",
+        "from mlops_lifecycle.contract import Candidate\ndef f(c: Candidate) -> str:\n    return c['pipeline_id']\n",
         '"Candidate" has no key "pipeline_id"',
     ),
     "a backend's config field read without narrowing to that backend": (

@@ -7,9 +7,11 @@ service opens it with ``open_package`` at start-up and never calls the registry.
     model/           the MLflow model directory of that version (MLmodel, the model file, requirements.txt)
     golden_set.json  feature rows and the predictions made for them offline, for the smoke tests
 
-``open_package`` refuses a package that is missing, holds another version than the image pins, or
-whose files do not match their checksums (a partial copy, an edited file): the service then does not
-start, and the message says which of these it is.
+``open_package`` refuses a package that is missing, holds another version than the image pins, whose
+files do not match their checksums (a partial copy, an edited file), or whose model is not in the one
+format the lifecycle loads (``model_format``): the service then does not start, and the message says
+which of these it is. ``build`` refuses a version whose model is not in that format or whose files are
+not the ones its training run recorded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from model_service.model_format import MODEL_DIGEST_TAG, UnsafeModel, check_model_dir
 
 FORMAT = 1
 MANIFEST = "package.json"
@@ -168,6 +172,8 @@ def build(pin: Pin, out: Path, golden_rows: int = 20) -> dict[str, Any]:
     )
     if not (partial / MODEL_SUBDIR / "MLmodel").is_file():
         raise PackageError(f"{pin.label()}: the downloaded artifacts have no MLmodel file")
+    recorded = client.get_run(pin.run_id).data.tags.get(MODEL_DIGEST_TAG)
+    _check_format(partial / MODEL_SUBDIR, recorded, pin.label())
     golden = _golden_set(pin, partial / MODEL_SUBDIR, golden_rows)
     (partial / GOLDEN_SET).write_text(json.dumps(golden, allow_nan=False, indent=1))
 
@@ -269,7 +275,15 @@ def open_package(root: Path, expected: Mapping[str, str] | None = None, verify: 
         raise PackageError(f"{root} holds another model than pinned: " + "; ".join(wrong))
     if verify:
         _verify(root, manifest.get("files") or {})
+        _check_format(root / MODEL_SUBDIR, None, pin.label())
     return package
+
+
+def _check_format(model_dir: Path, digest: str | None, label: str) -> None:
+    try:
+        check_model_dir(model_dir, digest, label=label)
+    except UnsafeModel as exc:
+        raise PackageError(str(exc)) from None
 
 
 def _verify(root: Path, files: Mapping[str, str]) -> None:

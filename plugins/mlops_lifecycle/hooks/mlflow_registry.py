@@ -3,9 +3,13 @@
 Connection ``mlflow_default`` (any type, e.g. ``http``):
 - ``host``/``port``/``schema`` give a tracking server (``schema`` is the URL scheme, default http),
   or ``extra.tracking_uri`` gives any MLflow URI (``sqlite:///...`` for a local file store);
-- ``password`` is an access token, handed to MLflow as ``MLFLOW_TRACKING_TOKEN`` and never logged;
+- ``password`` is an access token, handed to MLflow as ``MLFLOW_TRACKING_TOKEN`` and never logged; with a
+  ``login`` too, they are basic-auth credentials (MLflow's basic-auth app, as docker-compose runs it);
+- basic auth may come as ``user:password@`` in the tracking URI: it is taken out of the URI (which
+  is then safe to show, in links and messages) and handed to MLflow as ``MLFLOW_TRACKING_USERNAME``
+  and ``MLFLOW_TRACKING_PASSWORD``;
 - ``extra.ui_url`` is where people browse it (for links in the Airflow UI); defaults to the
-  tracking URI when that is http(s).
+  tracking URI when that is http(s); credentials in it are dropped.
 - MLflow on Databricks: ``extra.tracking_uri: databricks``, ``host`` the workspace URL and the
   ``password`` a Databricks token, handed to MLflow as ``DATABRICKS_HOST``/``DATABRICKS_TOKEN``; links
   then point into the workspace.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 from airflow.sdk import BaseHook
@@ -32,6 +36,14 @@ if TYPE_CHECKING:
 RUN_KEY_TAG = "lifecycle.run_key"
 
 
+class MlflowSettings(NamedTuple):
+    uri: str  # without credentials: safe to show
+    token: str | None
+    ui: str | None  # where people browse it, without credentials
+    user: str | None  # basic auth taken out of the tracking URI
+    password: str | None
+
+
 class MlflowRegistryHook(BaseHook):
     conn_name_attr = "mlflow_conn_id"
     default_conn_name = "mlflow_default"
@@ -43,7 +55,17 @@ class MlflowRegistryHook(BaseHook):
         self.mlflow_conn_id = mlflow_conn_id
 
     @cached_property
-    def _connection_settings(self) -> tuple[str, str | None, str | None]:
+    def _connection_settings(self) -> MlflowSettings:
+        """The connection, with credentials taken out of the URLs."""
+        from mlops_lifecycle.urls import split_userinfo, without_userinfo
+
+        uri, token, ui, login = self._connection_parts()
+        uri, user, password = split_userinfo(uri)
+        if login and not self._on_databricks(uri):  # login + password: basic auth, not a token
+            user, password, token = login, token, None
+        return MlflowSettings(uri, token, without_userinfo(ui) if ui else None, user, password)
+
+    def _connection_parts(self) -> tuple[str, str | None, str | None, str | None]:
         conn = self.get_connection(self.mlflow_conn_id)
         extra = conn.extra_dejson
         uri = extra.get("tracking_uri")
@@ -61,9 +83,9 @@ class MlflowRegistryHook(BaseHook):
                     "password (a Databricks token)"
                 )
             workspace = conn.host if "://" in conn.host else f"https://{conn.host}"
-            return uri, conn.password, extra.get("ui_url") or workspace.rstrip("/")
+            return uri, conn.password, extra.get("ui_url") or workspace.rstrip("/"), None
         ui = extra.get("ui_url") or (uri if uri.startswith(("http://", "https://")) else None)
-        return uri, conn.password or None, ui
+        return uri, conn.password or None, ui, conn.login or None
 
     @staticmethod
     def _on_databricks(uri: str) -> bool:
@@ -75,16 +97,20 @@ class MlflowRegistryHook(BaseHook):
         return self._on_databricks(self.tracking_uri)
 
     def _token_env(self) -> dict[str, str]:
-        uri, token, ui = self._connection_settings
+        s = self._connection_settings
+        basic = {}
+        if s.user is not None:
+            basic = {"MLFLOW_TRACKING_USERNAME": s.user, "MLFLOW_TRACKING_PASSWORD": s.password or ""}
+        token = s.token
         if not token:
-            return {}
-        if self._on_databricks(uri):
-            return {"DATABRICKS_HOST": ui or "", "DATABRICKS_TOKEN": token}
-        return {"MLFLOW_TRACKING_TOKEN": token}
+            return basic
+        if self._on_databricks(s.uri):
+            return {"DATABRICKS_HOST": s.ui or "", "DATABRICKS_TOKEN": token}
+        return {"MLFLOW_TRACKING_TOKEN": token, **basic}
 
     @property
     def tracking_uri(self) -> str:
-        return self._connection_settings[0]
+        return self._connection_settings.uri
 
     def process_env(self) -> dict[str, str]:
         """Environment for a child process (training, service) to reach the same MLflow."""
@@ -99,13 +125,13 @@ class MlflowRegistryHook(BaseHook):
 
     # links -----------------------------------------------------------------------------------
     def run_url(self, experiment_id: str, run_id: str) -> str | None:
-        ui = self._connection_settings[2]
+        ui = self._connection_settings.ui
         if ui and self.tracks_on_databricks:
             return f"{ui}/ml/experiments/{experiment_id}/runs/{run_id}"
         return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if ui else None
 
     def model_version_url(self, name: str, version: str) -> str | None:
-        ui = self._connection_settings[2]
+        ui = self._connection_settings.ui
         if ui and self.tracks_on_databricks:
             return f"{ui}/ml/models/{quote(name)}/versions/{version}"
         return f"{ui.rstrip('/')}/#/models/{quote(name)}/versions/{version}" if ui else None

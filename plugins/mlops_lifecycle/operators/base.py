@@ -66,8 +66,11 @@ class LifecycleOperator(BaseOperator):
         return f"airflow:{ti.dag_id}/{ti.run_id}"
 
     def set_link(self, key: str, url: str | None) -> None:
+        """Record an Extra Link for the UI (stored in XCom): never with credentials in it."""
         if url:
-            self.recorded_links[key] = url
+            from mlops_lifecycle.urls import without_userinfo
+
+            self.recorded_links[key] = without_userinfo(url)
 
     @cached_property
     def registry(self) -> MlflowRegistryHook:

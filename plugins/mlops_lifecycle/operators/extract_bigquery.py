@@ -1,8 +1,17 @@
 """extract, ``extract.warehouse: bigquery`` (apache-airflow-providers-google): one snapshot table per window.
 
 The line's SQL, rendered for the window, runs as a query job that writes
-``<project>.<dataset>.<line>__<interval start>_<interval end>`` (WRITE_TRUNCATE). Training receives
-that table's name (``bq://...``), so no data passes through Airflow.
+``<project>.<dataset>.<line>__<interval start>_<interval end>``. Training receives that table's name
+(``bq://...``), so no data passes through Airflow.
+
+A snapshot is immutable: a model may have been trained on it, and the audit record names it. Once the
+window's table holds rows, every later run of the window (a manual re-run beside the scheduled one, a
+cleared run) reuses it and never queries again; the job writes with WRITE_EMPTY, so even two runs racing
+for the same window cannot rewrite it. The table's description names the job that wrote it.
+
+Snapshot tables expire ``retention.snapshot_days`` after they are written; the housekeeping task takes
+the expiration off every snapshot a kept version or an audit record names, so BigQuery deletes only
+what nothing refers to.
 
 The job id is deterministic (line, window, Airflow run): before inserting, the operator looks the job
 up; it reattaches while the job runs and reuses it once it succeeded, so a retry never runs the query
@@ -57,6 +66,10 @@ class BigQueryExtractOperator(ExtractOperator):
 
         return BigQueryHook(gcp_conn_id=self.extract_cfg.gcp_conn_id, location=self.extract_cfg.location)
 
+    def client(self) -> Any:
+        """The google-cloud-bigquery client of the line's project and location."""
+        return self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+
     def execute(self, context: Context) -> Snapshot:
         from mlops_lifecycle.sql import render_sql
 
@@ -65,13 +78,17 @@ class BigQueryExtractOperator(ExtractOperator):
         table = snapshot_table(cfg, window) + self.snapshot_suffix(window)
         project, dataset, table_id = table.split(".")
         sql = render_sql(self.config.sql_path.read_text(), dict(cfg.tables), window.train_start, self.data_end(window))
+        base_id = job_id_for(window.run_key + self.snapshot_suffix(window), context["ti"].run_id)
         configuration = {
             "query": {
                 "query": sql,
                 "useLegacySql": False,
                 "destinationTable": {"projectId": project, "datasetId": dataset, "tableId": table_id},
-                "writeDisposition": "WRITE_TRUNCATE",
+                "writeDisposition": "WRITE_EMPTY",  # a snapshot is never rewritten
                 "createDisposition": "CREATE_IF_NEEDED",
+                # the description names the job that wrote it (set per attempt in _find_or_submit)
+                # its description names the job that wrote it: set per attempt in _find_or_submit
+                "destinationTableProperties": {"expirationTime": str(snapshot_expiry_ms(self.config))},
             },
             "labels": {
                 "model-line": label(self.config.model_line),
@@ -80,7 +97,10 @@ class BigQueryExtractOperator(ExtractOperator):
                 "airflow-run": label(context["ti"].run_id),
             },
         }
-        base_id = job_id_for(window.run_key + self.snapshot_suffix(window), context["ti"].run_id)
+        written_by = self._existing_snapshot(table)
+        if written_by is not None:
+            self.log.info("Snapshot %s already holds this window (%s): reused, never rewritten", table, written_by)
+            return self._result(context, written_by, reused=True)
         self.log.info("Run key %s: snapshot %s, query job %s", window.run_key, table, base_id)
         job, reused = self._find_or_submit(base_id, configuration, table)
         self._job_id = job.job_id
@@ -100,25 +120,31 @@ class BigQueryExtractOperator(ExtractOperator):
                 method_name="execute_complete",
                 kwargs={"reused": reused, "job_id": job.job_id},
             )
-        if job.error_result:
-            raise SnapshotError(f"BigQuery job {job.job_id} failed: {job.error_result}")
-        return self._result(context, job.job_id, reused)
+        return self._finished(context, job.job_id, job.error_result, reused)
 
     def execute_complete(
         self, context: Context, event: dict[str, Any], reused: bool = False, job_id: str | None = None
     ) -> Snapshot:
         job_id = event.get("job_id") or job_id
-        cfg = self.extract_cfg
-        if event.get("status") != "success" or not job_id:
-            raise SnapshotError(
-                f"BigQuery job {cfg.project}:{cfg.location}.{job_id} failed: {event.get('message', event)}"
-            )
+        failed = None if event.get("status") == "success" and job_id else event.get("message", event)
+        return self._finished(context, job_id or "", failed, reused)
+
+    def _finished(self, context: Context, job_id: str, error: Any, reused: bool) -> Snapshot:
+        """The job ended: its snapshot; or, when it lost a race to another run's job, that run's snapshot."""
+        if error:
+            cfg = self.extract_cfg
+            table = snapshot_table(cfg, self.window(context)) + self.snapshot_suffix(self.window(context))
+            written_by = self._existing_snapshot(table)
+            if written_by is None:
+                raise SnapshotError(f"BigQuery job {cfg.project}:{cfg.location}.{job_id} failed: {error}")
+            self.log.info("Job %s found %s already written (%s): reusing it", job_id, table, written_by)
+            return self._result(context, written_by, reused=True)
         return self._result(context, job_id, reused)
 
     def _result(self, context: Context, job_id: str, reused: bool) -> Snapshot:
         window = self.window(context)
         table = snapshot_table(self.extract_cfg, window) + self.snapshot_suffix(window)
-        client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+        client = self.client()
         rows = client.get_table(table).num_rows
         if not rows:
             # dropped, so a retry queries again (data may land late) instead of reusing the empty result
@@ -142,6 +168,9 @@ class BigQueryExtractOperator(ExtractOperator):
                 job = self.bigquery.get_job(job_id=job_id, project_id=cfg.project, location=cfg.location)
             except NotFound:
                 self.log.info("Submitting query job %s", job_id)
+                configuration["query"]["destinationTableProperties"]["description"] = (
+                    f"mlops-lifecycle snapshot {table}, written by query job {job_id}"
+                )
                 try:
                     job = self.bigquery.insert_job(
                         configuration=configuration,
@@ -165,10 +194,24 @@ class BigQueryExtractOperator(ExtractOperator):
                 self.log.warning("Job %s succeeded but its snapshot was dropped (empty): querying again", job_id)
         raise SnapshotError(f"{MAX_ATTEMPTS} query jobs for {base_id} failed; see them in BigQuery")
 
+    def _existing_snapshot(self, table: str) -> str | None:
+        """The job that wrote ``table``, if it exists and holds rows (an empty one may be written again)."""
+        from google.api_core.exceptions import NotFound
+
+        client = self.client()
+        try:
+            found = client.get_table(table)
+        except NotFound:
+            return None
+        if not found.num_rows:
+            return None
+        match = re.search(r"written by query job (\S+)", found.description or "")
+        return match.group(1) if match else "unknown"
+
     def _table_exists(self, table: str) -> bool:
         from google.api_core.exceptions import NotFound
 
-        client = self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+        client = self.client()
         try:
             client.get_table(table)
         except NotFound:
@@ -182,6 +225,13 @@ class BigQueryExtractOperator(ExtractOperator):
             self.bigquery.cancel_job(
                 job_id=job_id, project_id=self.extract_cfg.project, location=self.extract_cfg.location
             )
+
+
+def snapshot_expiry_ms(config: Any) -> int:
+    """When a snapshot table written now expires unless housekeeping keeps it (ms since the epoch)."""
+    import time
+
+    return int((time.time() + config.retention.snapshot_days * 86400) * 1000)
 
 
 def job_id_for(run_key: str, airflow_run_id: str) -> str:

@@ -201,11 +201,16 @@ class DatabricksTrainOperator(TrainOperator):
         env = {"MLFLOW_TRACKING_URI": self.registry.tracking_uri}
         if self.train_cfg.mlflow_token_secret:
             env["MLFLOW_TRACKING_TOKEN"] = "{{secrets/" + self.train_cfg.mlflow_token_secret + "}}"
-        elif self.registry.process_env().get("MLFLOW_TRACKING_TOKEN"):  # never set for workspace tracking
-            raise LifecycleError(
-                f"Connection '{self.mlflow_conn_id}' carries an MLflow token, but train.mlflow_token_secret is not "
-                "set: store the token in a Databricks secret and name its scope/key there (it is never sent as a value)"
-            )
+        else:
+            carried = self.registry.process_env()  # a token is never set for workspace tracking
+            what = "an MLflow token" if carried.get("MLFLOW_TRACKING_TOKEN") else None
+            if carried.get("MLFLOW_TRACKING_USERNAME"):
+                what = "MLflow credentials (user:password@ in its tracking URI)"
+            if what:
+                raise LifecycleError(
+                    f"Connection '{self.mlflow_conn_id}' carries {what}, but train.mlflow_token_secret is not set: "
+                    "store a token in a Databricks secret and name its scope/key there (it is never sent as a value)"
+                )
         return env
 
     def on_kill(self) -> None:
