@@ -13,6 +13,7 @@ must fail) is launched at once: each pays a few seconds of imports, and they ove
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -46,6 +48,8 @@ N_ROWS = 20
 GOLDEN_ROWS = 12  # logged by the v1 training run
 EXAMPLE_ROWS = 5  # v1 and v2 input example (v2's golden set)
 GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
+PREDICT_TOKEN = "t0k3n-" + "0123456789abcdef" * 2  # the ``auth`` service's MODEL_SERVICE_TOKEN
+MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 def build_model(workdir: Path) -> dict[str, Any]:
@@ -334,18 +338,24 @@ FAILING_STARTS: dict[str, tuple[str | None, dict[str, str | None]]] = {
     "tampered": ("tampered", {}),
     "missing_env": (None, {"MODEL_DIR": None, "MODEL_NAME": None, "MODEL_VERSION": ""}),
     "golden_edited": ("golden_edited", {}),
+    "weak_token": (None, {"MODEL_SERVICE_TOKEN": "hunter2-short"}),
 }
 
 
 @pytest.fixture(scope="module")
 def fleet(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Running]]:
-    """Every service process of this module, launched together: ``main`` (under test), ``drain`` (gets
-    SIGTERM) and the FAILING_STARTS."""
+    """Every service process of this module, launched together: ``main`` (under test; its prediction
+    log directory holds a stale file an earlier process left), ``drain`` (gets SIGTERM), ``auth`` (with
+    a bearer token) and the FAILING_STARTS."""
     logs = tmp_path_factory.mktemp("svc_logs")
     package = built.packages["1"]
+    _stale_prediction_file(logs / "predictions-main")
     envs = {
-        "main": service_env(package, PREDICTION_LOG_DIR=str(logs / "predictions-main")),
+        "main": service_env(
+            package, PREDICTION_LOG_DIR=str(logs / "predictions-main"), PREDICTION_LOG_MAX_AGE_HOURS="24"
+        ),
         "drain": service_env(package, PREDICTION_LOG_DIR=str(logs / "predictions-drain")),
+        "auth": service_env(package, MODEL_SERVICE_TOKEN=f"{PREDICT_TOKEN}\n"),  # as a Secret made from a file
     }
     for tag, (damage, overrides) in FAILING_STARTS.items():
         damaged = _damaged(package, logs, damage) if damage else package
@@ -360,9 +370,25 @@ def fleet(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
             stop(running.proc)
 
 
+def _stale_prediction_file(directory: Path) -> Path:
+    """A prediction log file of an earlier process, last written two days ago (beyond the 24 h max age)."""
+    path = directory / MODEL_LINE / "v0" / "2026-01-01" / "earlier-1-1-1.jsonl"
+    path.parent.mkdir(parents=True)
+    record = {"ts": "2026-01-01T00:00:00.000Z", "request_id": "stale", "rows": 1, "request": {"rows": [{}]}}
+    path.write_text(json.dumps(record | {"predictions": [1.0]}) + "\n")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(path, (two_days_ago, two_days_ago))
+    return path
+
+
 @pytest.fixture(scope="module")
 def service(fleet: dict[str, Running]) -> Running:
     return wait_ready(fleet["main"])
+
+
+@pytest.fixture(scope="module")
+def auth_service(fleet: dict[str, Running]) -> Running:
+    return wait_ready(fleet["auth"])
 
 
 @pytest.fixture
@@ -574,10 +600,11 @@ def test_non_finite_number_is_422_naming_field(client: httpx.Client, model: dict
         ([{"price": 1.0}], ["body"]),
         ({"rows": [{"price": 1.0}, 7]}, ["body", "rows", 1]),
         ("10001_rows", ["body", "rows"]),
+        (b'{"rows": [{"price": ' + b"[" * 5000 + b"]" * 5000 + b"}]}", ["body"]),
     ],
     ids=[
         "empty_rows", "no_rows", "rows_not_a_list", "extra_key", "invalid_json", "empty_body",
-        "body_is_a_list", "row_not_an_object", "10001_rows",
+        "body_is_a_list", "row_not_an_object", "10001_rows", "nested_too_deeply",
     ],
 )  # fmt: skip
 def test_malformed_body_is_422_naming_the_place(
@@ -589,6 +616,102 @@ def test_malformed_body_is_422_naming_the_place(
     response = client.post("/predict", content=content, headers={"Content-Type": "application/json"})
     assert response.status_code == 422, response.text
     assert loc in [e["loc"] for e in response.json()["detail"]], response.text
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile input: bounded work, other requests answered meanwhile, only UTF-8, no key twice
+# --------------------------------------------------------------------------------------------------
+def _unknown_keys_body(keys: int) -> bytes:
+    return b'{"rows": [{' + b", ".join(b'"k%07d": 0' % i for i in range(keys)) + b"}]}"
+
+
+def _reset_peak_rss(pid: int) -> int:
+    """The process's RSS (KiB), after setting its peak RSS to it (/proc/<pid>/clear_refs, Linux)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return _proc_status_kib(pid, "VmRSS")
+
+
+def _peak_rss_growth_mib(pid: int, rss_before: int) -> float:
+    return (_proc_status_kib(pid, "VmHWM") - rss_before) / 1024
+
+
+def _proc_status_kib(pid: int, field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)[1])  # type: ignore[index]
+
+
+def test_a_row_of_100k_unknown_keys_is_refused_at_little_cost(client: httpx.Client, service: Running) -> None:
+    """1.3 MB naming 100k unknown fields cost 49 MB and 1.4 s when an error was built for each key."""
+    body = _unknown_keys_body(100_000)
+    rss = _reset_peak_rss(service.proc.pid)
+    started = time.perf_counter()
+    response = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    seconds = time.perf_counter() - started
+    growth = _peak_rss_growth_mib(service.proc.pid, rss)
+    assert response.status_code == 422, response.text[:500]
+    [error] = response.json()["detail"]
+    assert error["type"] == "too_many_keys" and "100000 keys" in error["msg"], error
+    assert growth < 25, f"peak RSS grew {growth:.0f} MiB for a 1.3 MB body"
+    assert seconds < 0.7, f"took {seconds:.2f} s"
+
+
+def test_ordinary_requests_are_answered_while_a_hostile_32_mib_body_is_read(
+    client: httpx.Client, service: Running, model: dict[str, Any]
+) -> None:
+    """Unknown keys up to the body limit (2.6 million): refused before parsing, and the service keeps
+    answering other requests meanwhile (before: ~1.2 GB and 35 s inside the event loop)."""
+    body = _unknown_keys_body((MAX_BODY_BYTES - 64) // len(b'"k0000000": 0, '))
+    assert len(body) <= MAX_BODY_BYTES
+    answers: list[httpx.Response] = []
+
+    def send_hostile() -> None:
+        with httpx.Client(base_url=service.url, timeout=120) as hostile:
+            answers.append(hostile.post("/predict", content=body, headers={"Content-Type": "application/json"}))
+
+    rss = _reset_peak_rss(service.proc.pid)
+    hostile_client = threading.Thread(target=send_hostile)
+    hostile_client.start()
+    latencies = []
+    while hostile_client.is_alive():
+        started = time.perf_counter()
+        assert client.post("/predict", json={"rows": model["rows"][:1]}, timeout=5).status_code == 200
+        latencies.append(time.perf_counter() - started)
+    hostile_client.join()
+    growth = _peak_rss_growth_mib(service.proc.pid, rss)
+    assert answers[0].status_code == 413, answers[0].text[:500]
+    assert "JSON values" in answers[0].json()["detail"] and "fewer rows" in answers[0].json()["detail"]
+    assert latencies, "no ordinary request was sent while the hostile one was read"
+    assert max(latencies) < 0.5, f"an ordinary request took {max(latencies):.2f} s beside the hostile body"
+    assert growth < 150, f"peak RSS grew {growth:.0f} MiB for a 32 MiB body"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-8-sig"])
+def test_only_utf8_json_is_accepted(client: httpx.Client, model: dict[str, Any], encoding: str) -> None:
+    """json.loads(bytes) would take these (and the prediction log would store them: no UTF-8 line)."""
+    body = json.dumps({"rows": model["rows"][:1]}).encode(encoding)
+    response = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 415, response.text[:300]
+    assert "UTF-8" in response.json()["detail"] and encoding.upper() in response.json()["detail"]
+
+
+def test_invalid_utf8_is_refused_naming_the_byte(client: httpx.Client, model: dict[str, Any]) -> None:
+    """An encoded surrogate (ED A0 80) passes json.loads' decoding, and is no UTF-8."""
+    text = json.dumps({"rows": [_row(model, market_id="SURROGATE")]})
+    body = text.encode().replace(b"SURROGATE", b"\xed\xa0\x80")
+    at = text.index("SURROGATE")
+    response = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 415, response.text[:300]
+    assert response.json()["detail"].endswith(f"byte {at} (0xed) is not valid UTF-8")
+
+
+def test_a_key_repeated_in_a_row_is_422_naming_row_and_key(client: httpx.Client, model: dict[str, Any]) -> None:
+    """json.loads keeps the last of a repeated key silently: the model would score the other value."""
+    second = json.dumps(_row(model, 1))[:-1] + ', "price": 99.5}'
+    raw = f'{{"rows": [{json.dumps(_row(model, 0))}, {second}]}}'
+    response = client.post("/predict", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "rows", 1, "price"] and error["type"] == "duplicate_key"
+    assert error["msg"] == "row 1: field 'price' appears more than once"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -689,6 +812,21 @@ def test_prediction_log_has_every_scored_row_with_its_prediction(
         assert record["predictions"] == predictions
 
 
+def test_prediction_log_is_owner_only_and_keeps_no_file_past_its_max_age(
+    client: httpx.Client, service: Running, model: dict[str, Any]
+) -> None:
+    """The log holds raw inputs (0600 files, 0700 directories); PREDICTION_LOG_MAX_AGE_HOURS=24 removed
+    the two-day-old file an earlier process had left, at start-up, with no request needed."""
+    directory = Path(service.env["PREDICTION_LOG_DIR"])
+    assert not (directory / MODEL_LINE / "v0" / "2026-01-01" / "earlier-1-1-1.jsonl").exists()
+    request_id = f"private-{uuid.uuid4().hex[:8]}"
+    assert client.post("/predict", json={"rows": model["rows"][:1]}, headers={"X-Request-ID": request_id}).is_success
+    [(path, _)] = [(p, r) for p, r in _wait_for_records(directory, {request_id}) if r["request_id"] == request_id]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    created = [path.parent, path.parent.parent]  # <line>/v1/<day>: the line's folder holds the stale file's
+    assert [stat.S_IMODE(folder.stat().st_mode) for folder in created] == [0o700, 0o700]
+
+
 # --------------------------------------------------------------------------------------------------
 # Graceful shutdown
 # --------------------------------------------------------------------------------------------------
@@ -777,6 +915,69 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_prediction(
 
 
 # --------------------------------------------------------------------------------------------------
+# Bearer token on /predict (MODEL_SERVICE_TOKEN)
+# --------------------------------------------------------------------------------------------------
+MISSING_TOKEN = "/predict requires an 'Authorization: Bearer <token>' header"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "error", "detail"),
+    [
+        (None, None, MISSING_TOKEN),
+        ("Basic dXNlcjpwYXNz", None, MISSING_TOKEN),
+        ("Bearer", None, MISSING_TOKEN),
+        ("Bearer not-the-token", "invalid_token", "the bearer token is not valid"),
+        (f"Bearer {PREDICT_TOKEN[:-1]}", "invalid_token", "the bearer token is not valid"),
+    ],
+    ids=["no_header", "basic", "no_token", "wrong_token", "token_prefix"],
+)  # fmt: skip
+def test_predict_without_the_token_is_401_before_the_body_is_read(
+    auth_service: Running, authorization: str | None, error: str | None, detail: str
+) -> None:
+    """The body is not JSON at all: an unauthenticated client cannot make the service parse anything."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": authorization} if authorization else {})
+    response = httpx.post(f"{auth_service.url}/predict", content=b"{not json", headers=headers)
+    assert response.status_code == 401, response.text
+    assert response.json() == {"detail": detail}
+    challenge = 'Bearer realm="model-service"' + (f', error="{error}"' if error else "")
+    assert response.headers["www-authenticate"] == challenge
+
+
+def test_predict_with_the_token_scores(auth_service: Running, model: dict[str, Any]) -> None:
+    for scheme in ("Bearer", "bearer"):
+        response = httpx.post(
+            f"{auth_service.url}/predict",
+            json={"rows": model["rows"][:3]},
+            headers={"Authorization": f"{scheme} {PREDICT_TOKEN}"},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"] == pytest.approx(model["expected"][:3], rel=1e-9)
+
+
+def test_probes_version_and_metrics_need_no_token(auth_service: Running) -> None:
+    for path in ("/health", "/ready", "/version", "/metrics"):
+        assert httpx.get(f"{auth_service.url}{path}").status_code == 200, path
+
+
+def test_smoke_step_sends_the_token_from_its_environment(auth_service: Running, built: Built) -> None:
+    """The pipeline's pre-production check reads MODEL_SERVICE_TOKEN like the service does."""
+    argv = cli("smoke", "--url", auth_service.url, "--package", str(built.packages["1"]), "--wait", "30")
+    run = functools.partial(subprocess.run, argv, cwd=DEPLOYMENT_DIR, capture_output=True, text=True, timeout=120)
+    with_token = run(env=clean_env(MODEL_SERVICE_TOKEN=PREDICT_TOKEN))
+    assert with_token.returncode == 0, with_token.stderr[-2000:]
+    without = run(env=clean_env())
+    assert without.returncode == 1 and "HTTP 401" in without.stderr, without.stderr[-2000:]
+
+
+def test_the_token_is_never_logged(auth_service: Running, model: dict[str, Any]) -> None:
+    httpx.post(f"{auth_service.url}/predict", json={"rows": []}, headers={"Authorization": f"Bearer {PREDICT_TOKEN}"})
+    time.sleep(0.2)
+    assert PREDICT_TOKEN not in auth_service.stderr.read_text(errors="replace")
+    [loaded] = auth_service.events("model_loaded")
+    assert loaded["predict_auth"] == "bearer token"
+
+
+# --------------------------------------------------------------------------------------------------
 # Start-ups that must fail: exit non-zero with one `startup_failed` line naming the cause
 # --------------------------------------------------------------------------------------------------
 def test_wrong_version_pinned_names_both_versions(failed_starts: dict[str, Exited]) -> None:
@@ -808,6 +1009,12 @@ def test_all_missing_variables_are_named_at_once(failed_starts: dict[str, Exited
 def test_golden_set_not_reproduced_refuses_to_serve(failed_starts: dict[str, Exited]) -> None:
     error = _startup_failure(failed_starts["golden_edited"])
     assert "golden row 3" in error and "does not reproduce the model" in error, error
+
+
+def test_a_weak_token_refuses_to_start_without_showing_it(failed_starts: dict[str, Exited]) -> None:
+    error = _startup_failure(failed_starts["weak_token"])
+    assert error.startswith("MODEL_SERVICE_TOKEN must be at least 16 characters"), error
+    assert "hunter2" not in failed_starts["weak_token"].stderr
 
 
 def test_no_request_of_this_module_got_a_500(service: Running) -> None:

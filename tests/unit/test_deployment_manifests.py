@@ -175,6 +175,7 @@ def test_service_environment_and_volumes(env: str) -> None:
     assert _env(container) == {
         "MODEL_DIR": "/opt/model",
         "PREDICTION_LOG_DIR": "/var/log/predictions",
+        "MODEL_SERVICE_TOKEN": None,  # from the Secret below
         "MODEL_LINE": "demand_forecast",
         "MODEL_NAME": "demand_forecast_model",
         "MODEL_VERSION": "3",
@@ -184,6 +185,17 @@ def test_service_environment_and_volumes(env: str) -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     for path in ("/var/log/predictions", "/tmp"):
         assert "emptyDir" in volumes[mounts[path]], path
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_predict_token_comes_from_an_optional_secret(env: str) -> None:
+    """With the Secret the service requires the bearer token on /predict; without it the pod still starts
+    (an optional secretKeyRef leaves the variable unset), as in the local demo."""
+    [token] = [var for var in _container(_render(env)["Deployment"])["env"] if var["name"] == "MODEL_SERVICE_TOKEN"]
+    assert token == {
+        "name": "MODEL_SERVICE_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "model-service-token", "key": "token", "optional": True}},
+    }
 
 
 @pytest.mark.parametrize("env", ENVS)

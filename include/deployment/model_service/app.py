@@ -12,7 +12,8 @@ deployment never stays up serving nothing or the wrong thing. The port opens onl
 
 Endpoints: ``GET /health`` (liveness), ``GET /ready`` (model loaded and warmed), ``GET /version``,
 ``POST /predict`` (one row or a batch, validated against the model signature: bad input is a 422
-naming the row and field, never a 500), ``GET /metrics`` (Prometheus).
+naming the row and field, never a 500; with ``MODEL_SERVICE_TOKEN`` set it requires that bearer
+token), ``GET /metrics`` (Prometheus).
 
 Speed: concurrent requests are scored together (``MicroBatcher``): while the model is busy with one
 call, requests that arrive queue up and go into the next call as one frame. A scikit-learn pipeline
@@ -21,8 +22,9 @@ two model calls at most. Prediction logging happens in a background thread (``Pr
 
 This module is the start-up and the routes; the rest of the service is split by concern:
 ``settings`` (environment and limits), ``telemetry`` (JSON logs, metrics, the per-request
-middleware), ``validation`` (body and rows against the signature), ``scoring`` (``Model``,
-``MicroBatcher``). ``_threads`` is imported first: it sets ``OMP_NUM_THREADS`` before numpy loads.
+middleware), ``auth`` (the bearer token), ``validation`` (body and rows against the signature, big
+bodies off the event loop), ``scoring`` (``Model``, ``MicroBatcher``). ``_threads`` is imported
+first: it sets ``OMP_NUM_THREADS`` before numpy loads.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import model_service._threads  # noqa: F401 - first of the package's modules, before anything loads numpy
+from model_service.auth import BearerAuth
 from model_service.package import ModelOutputError, Package, PackageError, golden_mismatches, open_package
 from model_service.prediction_log import PredictionLog
 from model_service.scoring import MicroBatcher, Model
@@ -55,7 +58,7 @@ from model_service.telemetry import (
     log_event,
     one_line,
 )
-from model_service.validation import parse_body
+from model_service.validation import BodyReader
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,6 +70,8 @@ class Service:
     package: Package
     model: Model
     batcher: MicroBatcher
+    reader: BodyReader
+    auth: BearerAuth | None
     prediction_log: PredictionLog | None
     ready: bool = False
 
@@ -95,9 +100,13 @@ def load_service(settings: Settings) -> Service:
             model_name=settings.model_name,
             model_version=settings.model_version,
             max_bytes=settings.prediction_log_max_mb * 1024 * 1024,
+            max_age_seconds=(
+                settings.prediction_log_max_age_hours * 3600 if settings.prediction_log_max_age_hours else None
+            ),
         )
     batcher = MicroBatcher(model.predict, settings.max_batch_rows, inline=model.cheap)
-    return Service(settings, package, model, batcher, prediction_log)
+    auth = BearerAuth(settings.predict_token) if settings.predict_token else None
+    return Service(settings, package, model, batcher, BodyReader(model.validator), auth, prediction_log)
 
 
 def check_golden_set(model: Model, package: Package, label: str) -> None:
@@ -158,6 +167,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         compiled_up_to_rows=service.model.compiled.max_rows_faster if service.model.compiled else None,
         not_compiled_because=None if service.model.compiled else service.model.not_compiled_because,
         schema_validation=service.model.validator.enabled,
+        predict_auth="bearer token" if service.auth else None,
         golden_rows=len(service.package.golden_set["rows"]),
         prediction_log=str(settings.prediction_log_dir) if settings.prediction_log_dir else None,
         startup_s=round(time.perf_counter() - started, 2),
@@ -168,6 +178,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Uvicorn has stopped accepting connections and finished the in-flight requests by now.
         service.ready = False
         service.batcher.close()
+        service.reader.close()
         if service.prediction_log is not None:
             service.prediction_log.close()
         log_event(
@@ -250,29 +261,33 @@ PREDICT_BODY = {
 }
 
 
-async def _body(request: Request) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed MAX_BODY_BYTES."""
+async def _body(request: Request) -> bytearray:
+    """The request body, refused with 413 as soon as it is known to exceed MAX_BODY_BYTES.
+
+    Gathered in one growing buffer rather than chunks joined at the end: a 32 MiB body is never held
+    twice, nor copied in one piece inside the event loop.
+    """
     too_large = HTTPException(413, f"request body larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
-    chunks, size = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
             raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return body
 
 
 @app.post("/predict", openapi_extra={"requestBody": PREDICT_BODY})
 async def predict(request: Request) -> Response:
     """Score rows: ``{"rows": [{feature: value, ...}, ...]}`` -> one prediction per row."""
     service = _service(request)
+    if service.auth is not None:
+        service.auth.check(request.headers.get("authorization"))
     body = await _body(request)
-    rows = parse_body(body)
+    rows = await service.reader.rows(body)
     request.state.rows = len(rows)
-    service.model.validator.check(rows)
     try:
         predictions = await service.batcher.predict(rows)
     except ModelOutputError as exc:

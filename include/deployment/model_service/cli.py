@@ -6,7 +6,8 @@ Run from the repository root by the GitLab CI jobs (and by the local deploy adap
 - ``package``  build the model package of a pin: the pinned version's artifacts, checked, with checksums
 - ``render``   the Kubernetes manifests of one environment for a package and an image
 - ``smoke``    pre-production check of a running service: ``/version`` is the package, ``/predict``
-               reproduces the offline predictions of the golden set
+               reproduces the offline predictions of the golden set (sending ``MODEL_SERVICE_TOKEN``
+               as its bearer token when that variable is set, as the service requires it then)
 
 Every failure is one line on stderr naming what is wrong, and exit status 1.
 """
@@ -76,7 +77,9 @@ def smoke(url: str, package_dir: Path, code_revision: str | None, wait_seconds: 
     if wrong:
         raise StepFailed(f"{base}/version reports another deployment: " + ", ".join(wrong))
     golden = package.golden_set
-    served = _request(f"{base}/predict", {"rows": golden["rows"]}).get("predictions")
+    token = os.environ.get("MODEL_SERVICE_TOKEN", "").strip()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    served = _request(f"{base}/predict", {"rows": golden["rows"]}, headers).get("predictions")
     if not isinstance(served, list) or len(served) != len(golden["rows"]):
         count = len(served) if isinstance(served, list) else "no"
         raise StepFailed(f"{base}/predict answered {count} predictions for {len(golden['rows'])} golden rows")
@@ -86,9 +89,9 @@ def smoke(url: str, package_dir: Path, code_revision: str | None, wait_seconds: 
     return f"{base} serves {pin.label()}; {len(served)} golden rows match the offline predictions"
 
 
-def _request(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _request(url: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())

@@ -95,7 +95,8 @@ MODEL_INFO = Gauge(
 LOG_WRITTEN = Gauge("model_service_prediction_log_written_rows", "Rows written to the prediction log")
 LOG_DROPPED = Gauge("model_service_prediction_log_dropped_rows", "Rows not logged because the log fell behind")
 LOG_PRUNED = Gauge(
-    "model_service_prediction_log_pruned_rows", "Logged rows deleted unshipped to keep within PREDICTION_LOG_MAX_MB"
+    "model_service_prediction_log_pruned_rows",
+    "Logged rows deleted unshipped to keep PREDICTION_LOG_DIR within PREDICTION_LOG_MAX_MB and _MAX_AGE_HOURS",
 )
 
 
