@@ -93,7 +93,7 @@ class BodyReader:
 
     def read(self, raw: bytes | bytearray) -> list[dict[str, Any]]:
         """The checked rows of ``raw``; HTTPException (415, 413) or RequestValidationError (422) otherwise."""
-        if _values_exceed(raw, self.max_values):
+        if len(raw) > self.max_values and _values_exceed(raw, self.max_values):  # a value takes a byte at least
             raise HTTPException(
                 413,
                 f"request body holds more than {self.max_values:,} JSON values (',', '[' and '{{' counted, "
