@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
+import http.client
 import importlib.metadata
 import json
 import math
@@ -19,8 +21,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -509,6 +514,7 @@ def build_model_version(home: Path, env: dict[str, str]) -> tuple[dict[str, str]
         window_start=window.train_start,
         window_end=window.window_end,
         holdout_start=window.holdout_start,
+        horizon_end=None,  # not a backtest
         target=cfg.train.target,
         model_line=cfg.model_line,
     )
@@ -622,6 +628,108 @@ def time_model_calls(model_dir: Path, rows_file: Path, sizes: list[int], env: di
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+HOSTILE_CONNECTIONS = 8  # ordinary one-row clients while one more client sends hostile bodies
+HOSTILE_PEAK_SAMPLES = 3  # hostile requests sent alone, for the peak RSS each one causes
+MAX_BODY_BYTES = 32 * 1024 * 1024  # the service's body limit (model_service.settings)
+
+
+def hostile_bodies() -> dict[str, bytes]:
+    """Bodies a client can send that cost the service the most per byte, all valid JSON within the body
+    limit (but the first, the size of the 100k unknown keys that cost 49 MB and 1.4 s before)."""
+    room = MAX_BODY_BYTES - 64
+
+    def keys(n: int) -> bytes:
+        return b'{"rows": [{' + b", ".join(b'"k%07d": 0' % i for i in range(n)) + b"}]}"
+
+    junk = b'[], {}, "ab", 0.5'
+    depth = room // 2
+    return {
+        "one row, 100k unknown keys": keys(100_000),
+        "one row, unknown keys to the limit": keys(room // len(b'"k0000000": 0, ')),
+        "one field nested [[[...]]] to the limit": b'{"rows": [{"x": ' + b"[" * depth + b"]" * depth + b"}]}",
+        "one field, an array of [], {}, strings, numbers": (
+            b'{"rows": [{"x": [' + b", ".join([junk] * (room // (len(junk) + 2))) + b"]}]}"
+        ),
+    }
+
+
+def post_raw(url: str, body: bytes) -> tuple[int | str, float]:
+    """POST ``body`` on a new connection; the status (or the connection error) and the seconds it took."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    started = time.perf_counter()
+    try:
+        connection.request("POST", parts.path, body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        status: int | str = response.status
+    except (OSError, http.client.HTTPException) as exc:
+        status = type(exc).__name__
+    finally:
+        connection.close()
+    return status, time.perf_counter() - started
+
+
+def peak_rss_growth(pid: int, send: Callable[[], tuple[int | str, float]]) -> tuple[int | str, float, float]:
+    """``send()``'s status and seconds, and how far the process's peak RSS rose above its RSS before
+    (MiB): the peak is reset first through /proc/<pid>/clear_refs (Linux)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = proc_status_kib(pid, "VmRSS")
+    status, seconds = send()
+    return status, seconds, (proc_status_kib(pid, "VmHWM") - before) / 1024
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def bench_hostile(server: Server, small_body: Path) -> list[list[str]]:
+    """The table rows of the service under hostile bodies: ordinary one-row requests alone, then beside
+    one client that sends a hostile body after another (one row per body)."""
+    baseline = run_loadgen(server.predict_url, small_body, HOSTILE_CONNECTIONS, server)
+    rows = [["none", "-", "-", "-", "-", *loadgen_cells(baseline), "-"]]
+    for name, body in hostile_bodies().items():
+        rows.append([name, f"{len(body) / 2**20:.1f}", *hostile_point(server, small_body, body)])
+    return rows
+
+
+def hostile_point(server: Server, small_body: Path, body: bytes) -> list[str]:
+    """Peak RSS growth of ``body`` sent alone, then the one-row load while ``body`` is sent again and again."""
+    send = functools.partial(post_raw, server.predict_url, body)
+    peaks = [peak_rss_growth(server.proc.pid, send) for _ in range(HOSTILE_PEAK_SAMPLES)]
+    stop, answers = threading.Event(), []
+
+    def flood() -> None:
+        while not stop.is_set():
+            answers.append(send())
+
+    flooder = threading.Thread(target=flood, name="hostile-client")
+    flooder.start()
+    try:
+        loaded = run_loadgen(server.predict_url, small_body, HOSTILE_CONNECTIONS, server)
+    finally:
+        stop.set()
+        flooder.join(timeout=180)
+    if server.proc.poll() is not None:
+        raise RuntimeError(f"{server.name} exited under hostile input:\n{server.tail()}")
+    statuses = sorted({str(status) for status, _ in answers} | {str(status) for status, _, _ in peaks})
+    return [
+        "/".join(statuses),
+        f"{statistics.median(seconds for _, seconds in answers) * 1000:.0f}" if answers else "-",
+        str(len(answers)),
+        *loadgen_cells(loaded),
+        f"{max(growth for _, _, growth in peaks):.0f}",
+    ]
+
+
+def loadgen_cells(result: dict) -> list[str]:
+    errors = result["errors"] if not result["errors"] else f"{result['errors']}: {result['first_error'][:40]}"
+    return [f"{result['rps']:.0f}", f"{result['p50_ms']:.2f}", f"{result['p99_ms']:.2f}", str(errors)]
+
+
 def bench_service() -> None:
     home = Path(tempfile.mkdtemp(prefix="mlops-bench-service-"))
     env = service_env(home)
@@ -713,8 +821,9 @@ def bench_service() -> None:
                 )
                 if server.proc.poll() is not None:
                     raise RuntimeError(f"{server.name} exited during the load:\n{server.tail()}")
-        for server in servers:  # the in-process timings below get the cores to themselves
-            server.stop()
+        mlflow_serve.stop()  # the hostile-input points and the in-process timings get the cores to themselves
+        hostile = bench_hostile(ours, bodies[ours.name, 1])
+        ours.stop()
         (home / "rows.json").write_text(json.dumps(rows))
         sizes = sorted({size for size, _ in SERVICE_POINTS})
         steps = time_model_calls(package_dir / "model", home / "rows.json", sizes, env)
@@ -789,6 +898,14 @@ def bench_service() -> None:
         ["step", *(f"{size} row{'s' if size > 1 else ''} ms" for size in sizes)],
         breakdown,
     )
+    table(
+        f"Model service under hostile bodies: one-row requests from {HOSTILE_CONNECTIONS} connections "
+        f"({SERVICE_DURATION:.0f} s after {SERVICE_WARMUP:.0f} s warm-up) while one more client sends the hostile "
+        f"body again and again; peak RSS growth: the most of {HOSTILE_PEAK_SAMPLES} hostile requests sent alone",
+        ["hostile body", "MiB", "answer", "hostile ms (median)", "hostile requests",
+         "one-row req/s", "p50 ms", "p99 ms", "errors", "peak RSS growth MiB"],
+        hostile,
+    )  # fmt: skip
     workers = sum("Started server process" in line for line in logs.get(mlflow_serve.name, "").splitlines())
     print(
         f"Model {model_uri} (trained by the {pin['model_line']} entrypoint in {trained:.0f} s); both servers ready "

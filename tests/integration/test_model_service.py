@@ -650,8 +650,8 @@ def test_a_row_of_100k_unknown_keys_is_refused_at_little_cost(client: httpx.Clie
     assert response.status_code == 422, response.text[:500]
     [error] = response.json()["detail"]
     assert error["type"] == "too_many_keys" and "100000 keys" in error["msg"], error
-    assert growth < 25, f"peak RSS grew {growth:.0f} MiB for a 1.3 MB body"
-    assert seconds < 0.7, f"took {seconds:.2f} s"
+    assert growth < 30, f"peak RSS grew {growth:.0f} MiB for a 1.3 MB body"
+    assert seconds < 0.3, f"took {seconds:.2f} s"
 
 
 def test_ordinary_requests_are_answered_while_a_hostile_32_mib_body_is_read(

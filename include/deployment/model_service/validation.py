@@ -73,8 +73,8 @@ class BodyReader:
 
     Big bodies are read by one thread of their own rather than a pool: at most one big body is
     turned into Python objects at any time (memory stays bounded however many arrive at once), and
-    the event loop runs in between (the parser calls back into Python for every object, so the GIL
-    changes hands).
+    the event loop runs in between: the parser calls back into Python for every object, so the GIL
+    changes hands, but it builds each object whole first (~30 ms for one of 100k keys).
     """
 
     def __init__(self, validator: RowValidator) -> None:
@@ -93,12 +93,11 @@ class BodyReader:
 
     def read(self, raw: bytes | bytearray) -> list[dict[str, Any]]:
         """The checked rows of ``raw``; HTTPException (415, 413) or RequestValidationError (422) otherwise."""
-        if _values_exceed(raw, self.max_values):
+        if len(raw) > self.max_values and _values_exceed(raw, self.max_values):  # a value takes a byte at least
             raise HTTPException(
                 413,
                 f"request body holds more than {self.max_values:,} JSON values (',', '[' and '{{' counted, "
-                f"in strings too); a request takes at most {MAX_ROWS} rows of the model's "
-                f"{len(self.validator.columns)} fields: send fewer rows per request",
+                "in strings too): send fewer rows per request",
             )
         rows = parse_body(_utf8(raw), self.max_keys)
         self.validator.check(rows)
@@ -136,7 +135,7 @@ def _utf8(raw: bytes | bytearray) -> str:
         ) from None
 
 
-def parse_body(text: str, max_keys: int | None = None) -> list[dict[str, Any]]:
+def parse_body(text: str, max_keys: int | None) -> list[dict[str, Any]]:
     """``{"rows": [{...}, ...]}`` -> the rows, or RequestValidationError in FastAPI's 422 shape.
 
     Every JSON object is built by a hook that refuses more than ``max_keys`` keys (None: any number)
