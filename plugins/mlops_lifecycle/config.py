@@ -341,7 +341,7 @@ class DeployLocal(_DeployCommon):
         import os
 
         taken = dict(RESERVED_PORTS)
-        for variable, user in (("AIRFLOW__API__PORT", "Airflow API"), ("MLOPS_MLFLOW_PORT", "MLflow")):
+        for variable, user in (("AIRFLOW__API__PORT", "Airflow API"), ("MLFLOW_PORT", "MLflow")):
             if os.environ.get(variable, "").isdigit():
                 taken[int(os.environ[variable])] = user
         if value in taken:

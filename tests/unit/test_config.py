@@ -427,3 +427,13 @@ def test_the_json_schema_accepts_the_shipped_lines_and_refuses_an_unknown_key(tm
     misspelt = {**yaml_source.read(paths.include_dir() / "model_lines" / "demand_forecast.yaml").data, "retires": 3}
     with pytest.raises(jsonschema.ValidationError, match="retires"):
         jsonschema.validate(misspelt, schema)
+
+
+def test_a_port_the_running_stack_uses_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__API__PORT", "8601")  # make up on another port: the line's port now
+    with pytest.raises(ModelLineConfigError, match="deploy.port: 8601 is Airflow API's port on this stack"):
+        load_model_line(write(tmp_path, "demand_forecast", BASE))
+    monkeypatch.setenv("AIRFLOW__API__PORT", "8080")
+    monkeypatch.setenv("MLFLOW_PORT", "8601")
+    with pytest.raises(ModelLineConfigError, match="deploy.port: 8601 is MLflow's port on this stack"):
+        load_model_line(write(tmp_path, "demand_forecast", BASE))
