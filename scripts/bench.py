@@ -261,7 +261,10 @@ def bench_backtest() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="mlops-bench-backtest-"))
     server = devstack.MlflowServer(home / "mlflow", devstack.free_port())
-    env = {**os.environ, **devstack.stack_env(home, server.url)}
+    # PostgreSQL as production uses (SQLite serialises the scheduler, the API and parallel runs)
+    database = f"mlops_bench_{os.getpid()}"
+    database_url = devstack.postgres_database(database)
+    env = {**os.environ, **devstack.stack_env(home, server.url, database_url=database_url)}
     env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"
     (home / "model_lines").mkdir()
     env["MLOPS_MODEL_LINES_DIR"] = str(home / "model_lines")
@@ -355,8 +358,11 @@ def bench_backtest() -> None:
             LocalServiceDeployer(home).stop(f"bench_bt{parallel}")
         server.stop()
         shutil.rmtree(home, ignore_errors=True)
+        if database_url:
+            devstack.postgres_admin(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
     table(
-        f"Backtest of demand_forecast over {BACKTEST_WINDOWS} weekly windows (airflow standalone, REST backfill)",
+        f"Backtest of demand_forecast over {BACKTEST_WINDOWS} weekly windows (airflow standalone, REST backfill, "
+        f"{'PostgreSQL' if database_url else 'SQLite'})",
         [
             "max_active_runs",
             "windows",

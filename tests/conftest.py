@@ -29,30 +29,11 @@ _MLFLOW = devstack.MlflowServer(SESSION_HOME / "mlflow", devstack.free_port())
 _PG_DATABASE = f"mlops_test_{os.getpid()}"
 
 
-def _postgres_admin(*statements: str) -> None:
-    """Run CREATE/DROP DATABASE statements as the local postgres superuser (outside a transaction)."""
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for statement in statements:
-                cur.execute(statement)
-    finally:
-        conn.close()
-
-
 def _metadata_database() -> str | None:
     """PostgreSQL, as production uses, when one is reachable (or MLOPS_TEST_DATABASE_URL); else SQLite."""
     if os.environ.get("MLOPS_TEST_DATABASE_URL"):
         return os.environ["MLOPS_TEST_DATABASE_URL"]
-    try:
-        _postgres_admin(f"DROP DATABASE IF EXISTS {_PG_DATABASE}", f"CREATE DATABASE {_PG_DATABASE}")
-    except Exception as exc:  # no server here: a laptop without PostgreSQL
-        print(f"Airflow metadata DB: SQLite (no PostgreSQL on 127.0.0.1:5432: {type(exc).__name__})")
-        return None
-    return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{_PG_DATABASE}"
+    return devstack.postgres_database(_PG_DATABASE)
 
 
 METADATA_DB = _metadata_database()
@@ -114,7 +95,7 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001
             from airflow import settings
 
             settings.dispose_orm()
-            _postgres_admin(f"DROP DATABASE IF EXISTS {_PG_DATABASE} WITH (FORCE)")
+            devstack.postgres_admin(f"DROP DATABASE IF EXISTS {_PG_DATABASE} WITH (FORCE)")
         except Exception as exc:
             print(f"could not drop test database {_PG_DATABASE}: {exc}")
     if exitstatus == 0:
