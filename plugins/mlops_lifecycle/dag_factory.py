@@ -4,7 +4,7 @@ The lifecycle DAG::
 
     route >> extract >> train >> gate >> stage >> <review and deploy> >> verify_serving >> promote
     (every step after stage that may fail) --one_failed--> restore_staging
-    extract >> housekeeping   (retention: bounded registry and disk, beside training)
+    promote >> housekeeping   (retention: bounded registry and disk, after a promotion)
 
 ``route`` sends a backfill run to the backtest instead (``backtest_extract >> backtest_train >>
 backtest_report``, the report only in the window that finishes last: nothing there writes to the
@@ -210,8 +210,6 @@ def build_lifecycle_dag(config: ModelLineConfig, register: bool = True) -> DAG:
         route = RouteRunOperator(task_id="route", **common)
         extract = EXTRACT[config.extract.warehouse](task_id="extract", **common)
         route >> [extract, _backtest(config, common)]
-        # beside training, once per lifecycle run (never in a backtest): bounded registry and disk
-        extract >> HousekeepingOperator(task_id="housekeeping", **common)
         train = TRAIN[config.train.backend](
             task_id="train",
             snapshot=extract.output,
@@ -224,7 +222,7 @@ def build_lifecycle_dag(config: ModelLineConfig, register: bool = True) -> DAG:
         verify = VerifyServingOperator(
             task_id="verify_serving", candidate=train.output, deployment=delivery.deploy.output, **common
         )
-        PromoteOperator(
+        promote = PromoteOperator(
             task_id="promote",
             candidate=train.output,
             review=delivery.review.output,
@@ -237,8 +235,11 @@ def build_lifecycle_dag(config: ModelLineConfig, register: bool = True) -> DAG:
         stage >> delivery.review
         # a rejected review or a failed deployment leaves the registry as it was
         restore = RestoreStagingOperator(task_id="restore_staging", trigger_rule=TriggerRule.ONE_FAILED, **common)
-        # promote stays a leaf, so the run still ends failed when restore_staging succeeds
         [*delivery.may_fail, verify] >> restore
+        # retention once production moved forward: a failed run deletes nothing (housekeeping is then
+        # upstream_failed, a failed leaf, so the run still ends failed when restore_staging succeeds), and it
+        # never holds a worker slot beside a deferred wait; a backtest or superseded run skips it
+        promote >> HousekeepingOperator(task_id="housekeeping", **common)
     return dag
 
 

@@ -97,11 +97,11 @@ def test_lifecycle_shape_tags_owner_and_retries(shipped):
     ]
     backtest = ["backtest_extract", "backtest_train", "backtest_report"]
     assert set(dag["tasks"]) == {*chain, "restore_staging", "housekeeping", *backtest}
-    assert dag["downstream"]["extract"] == ["housekeeping", "train"]  # once per lifecycle run, never in a backtest
+    assert dag["downstream"]["promote"] == ["housekeeping"]  # retention after a promotion, never in a backtest
     for upstream, downstream in [*zip(chain, chain[1:], strict=False), *zip(backtest, backtest[1:], strict=False)]:
         assert downstream in dag["downstream"][upstream], f"{upstream} >> {downstream} missing"
     assert set(dag["downstream"]["route"]) == {"extract", "backtest_extract"}  # a backfill branches to the backtest
-    assert dag["downstream"]["promote"] == []  # a leaf: a failed promotion fails the run
+    assert dag["downstream"]["housekeeping"] == []  # a leaf after promote: a failed promotion fails the run
     for task in ("open_review", "approve_review", "merge_review", "deploy", "verify_serving"):
         assert "restore_staging" in dag["downstream"][task]
     assert {"mlops", "lifecycle", "line:demand_forecast", "team:forecasting", "forecasting"} <= set(dag["tags"])

@@ -1,8 +1,8 @@
 """housekeeping: what a line accumulates is bounded, and nothing an audit record names is ever deleted.
 
 Every lifecycle run trains and registers a version, writes a snapshot and may build a model package;
-without this they grow forever. Once per lifecycle run (beside training, so it never holds the line up)
-the line keeps (``retention`` in the YAML):
+without this they grow forever. After each promotion (so a failed run deletes nothing, and a streak of
+rejected candidates is tidied at the next promotion) the line keeps (``retention`` in the YAML):
 
 - registered versions: those an alias points to (production, staging, previous production), those with
   an audit record (``audit.event.*``: staged, promoted, replaced...), and the newest
