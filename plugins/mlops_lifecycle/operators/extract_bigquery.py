@@ -132,8 +132,8 @@ class BigQueryExtractOperator(ExtractOperator):
     def _finished(self, context: Context, job_id: str, error: Any, reused: bool) -> Snapshot:
         """The job ended: its snapshot; or, when it lost a race to another run's job, that run's snapshot."""
         if error:
-            cfg = self.extract_cfg
-            table = snapshot_table(cfg, self.window(context)) + self.snapshot_suffix(self.window(context))
+            cfg, window = self.extract_cfg, self.window(context)
+            table = snapshot_table(cfg, window) + self.snapshot_suffix(window)
             written_by = self._existing_snapshot(table)
             if written_by is None:
                 raise SnapshotError(f"BigQuery job {cfg.project}:{cfg.location}.{job_id} failed: {error}")

@@ -119,9 +119,9 @@ class HousekeepingOperator(LifecycleOperator):
         return deleted
 
     def named_snapshots(self, kept: list[tuple[str, dict[str, str]]]) -> set[str]:
-        """Every snapshot URI a kept version's run or any audit record of the line names."""
+        """Every snapshot URI a kept version's run or audit record names (every audited version is kept)."""
         named = {tags.get(key, "") for _, tags in kept for key in ("audit.snapshot", "lifecycle.snapshot")}
-        return (named | self.audited_snapshots()) - {""}
+        return named - {""}
 
     def bigquery_snapshots(self, kept: list[tuple[str, dict[str, str]]]) -> list[str]:
         """Take the expiration off every named BigQuery snapshot table (BigQuery deletes the rest in time)."""
@@ -143,11 +143,6 @@ class HousekeepingOperator(LifecycleOperator):
                 self.log.info("Snapshot %s is named by a kept version or audit record: it no longer expires", uri)
             pinned.append(uri)
         return pinned
-
-    def audited_snapshots(self) -> set[str]:
-        """Snapshots any audit record of the line names (a version deleted by hand keeps its run's tags)."""
-        reg, name = self.registry, self.config.registry.model_name
-        return {str(v.tags.get("audit.snapshot")) for v in reg.client.search_model_versions(f"name='{name}'")}
 
     def local_packages(self, kept_versions: set[str]) -> list[str]:
         """Delete model packages (with their pin files) and service logs of versions no longer kept."""

@@ -31,11 +31,11 @@ class LocalProcessTrainOperator(TrainOperator):
 
     def execute(self, context: Context) -> Candidate | BacktestRun:
         window = self.window(context)
-        jobs, job = self.pending(context, window)
-        while job is not None:
-            self._train(context, window, job)
-            self.trained_run(job, required=True)
-            jobs, job = self.pending(context, window, announce=False)
+        jobs = self.jobs(context, window)
+        for job in jobs:
+            if self.trained_run(job) is None:
+                self._train(context, window, job)
+                self.trained_run(job, required=True)
         return self.result(context, window, jobs)
 
     def _train(self, context: Context, window: DataWindow, job: TrainingJob) -> None:
