@@ -64,9 +64,31 @@ class Owner(_Strict):
     email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
 
 
+def five_field_cron(value: str) -> str:
+    from croniter import croniter
+
+    if value.startswith("@") or len(value.split()) != 5 or not croniter.is_valid(value):
+        raise ValueError(f"'{value}' is not a five-field cron expression (e.g. '0 3 * * 1' for Mondays 03:00)")
+    return value
+
+
+def iana_timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"'{value}' is not an IANA time zone (e.g. 'UTC', 'Europe/Berlin')") from None
+    return value
+
+
+Cron = Annotated[str, AfterValidator(five_field_cron)]
+TimeZone = Annotated[str, AfterValidator(iana_timezone)]
+
+
 class Schedule(_Strict):
-    cron: str = Field(description="Cron expression; each run's data interval is one cron period.")
-    timezone: str = "UTC"
+    cron: Cron = Field(description="Cron expression; each run's data interval is one cron period.")
+    timezone: TimeZone = "UTC"
     start_date: Annotated[date, Field(strict=False, description="ISO date (YYYY-MM-DD) of the first interval.")]
     catchup: bool = False
 
@@ -80,26 +102,6 @@ class Schedule(_Strict):
                 "up to the backfill's own max_active_runs)"
             )
         return data
-
-    @field_validator("cron")
-    @classmethod
-    def _valid_cron(cls, value: str) -> str:
-        from croniter import croniter
-
-        if value.startswith("@") or len(value.split()) != 5 or not croniter.is_valid(value):
-            raise ValueError(f"'{value}' is not a five-field cron expression (e.g. '0 3 * * 1' for Mondays 03:00)")
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_timezone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"'{value}' is not an IANA time zone (e.g. 'UTC', 'Europe/Berlin')") from None
-        return value
 
 
 class Window(_Strict):
@@ -409,6 +411,72 @@ class Retention(_Strict):
 class Alerting(_Strict):
     emails: list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(default_factory=list)
     on_failure: bool = True
+    smtp_conn_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Airflow SMTP connection that mails the alerts; unset: .local/alerts/<line>.jsonl (local).",
+    )
+
+
+class DriftLimits(_Strict):
+    """When a monitored interval breaches: the drift and data-quality thresholds (README: Drift monitoring)."""
+
+    psi: float = Field(default=0.2, gt=0, description="Population stability index at or above this: drifted.")
+    p_value: float = Field(
+        default=0.01,
+        gt=0,
+        lt=1,
+        description="Family-wise significance of the KS / chi-squared tests (Bonferroni over the columns).",
+    )
+    null_rate_increase: float = Field(default=0.05, gt=0, le=1, description="Null rate above the reference's by more.")
+    out_of_range_rate: float = Field(default=0.05, gt=0, le=1, description="Share outside the reference's range.")
+    unseen_rate: float = Field(default=0.05, gt=0, le=1, description="Share of categories the reference never saw.")
+    min_rows: int = Field(default=100, ge=1, description="Fewer served rows of a version: reported, not judged.")
+
+
+class GroundTruth(_Strict):
+    """How actuals join back to what production predicted, for live performance."""
+
+    sql: IncludePath | None = Field(
+        default=None,
+        description="BigQuery-dialect SQL, relative to include/, giving the key columns, `date` and the actual "
+        "for every day in [{{ window_start }}, {{ window_end }}); default: the line's feature SQL (extract.sql).",
+    )
+    actual: str | None = Field(
+        default=None, min_length=1, description="The column of that SQL holding the actual (default: train.target)."
+    )
+    key: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        min_length=1, description="Columns of a served row that name what was predicted (e.g. market_id)."
+    )
+    prediction_offset_days: int = Field(
+        default=0, ge=0, le=366, description="A row served on day D predicts day D + this (the forecast horizon)."
+    )
+    label_delay_days: int = Field(
+        default=1, ge=0, le=366, description="Actuals of a day are complete this many days after it."
+    )
+    max_regression: float = Field(
+        default=0.2,
+        gt=0,
+        description="Breach when a gate metric is live this fraction worse than the served version's holdout value.",
+    )
+
+
+class Monitoring(_Strict):
+    """The line's drift monitor DAG (``<line>__monitor``): what production served, against the training reference."""
+
+    cron: Cron = Field(description="Schedule of the monitor; each run checks its data interval.")
+    timezone: TimeZone = "UTC"
+    start_date: Annotated[date | None, Field(strict=False, description="First interval (default: schedule's).")] = None
+    served: Literal["prediction_log"] = Field(
+        default="prediction_log",
+        description="Where served predictions are read: the local service's prediction log files.",
+    )
+    limits: DriftLimits = Field(default_factory=DriftLimits)
+    ground_truth: GroundTruth | None = None
+    retrain_on_breach: bool = Field(default=True, description="A breach requests a lifecycle run (asset event).")
+    cooldown_hours: float = Field(
+        default=24.0, ge=0, le=24 * 366, description="No second retrain request within this time of the last one."
+    )
 
 
 class ModelLineConfig(_Strict):
@@ -429,10 +497,20 @@ class ModelLineConfig(_Strict):
     alerting: Alerting = Field(default_factory=Alerting)
     backtest: Backtest = Field(default_factory=Backtest)
     retention: Retention = Field(default_factory=Retention)
+    monitoring: Monitoring | None = None
 
     @property
     def lifecycle_dag_id(self) -> str:
         return f"{self.model_line}__lifecycle"
+
+    @property
+    def monitor_dag_id(self) -> str:
+        return f"{self.model_line}__monitor"
+
+    @property
+    def monitoring_experiment(self) -> str:
+        """Monitoring runs live beside the line's experiment, one run per served version and interval."""
+        return f"{self.registry.experiment}-monitoring"
 
     @property
     def fingerprint(self) -> str:
@@ -499,33 +577,84 @@ class ModelLineConfig(_Strict):
                 "together: GitLab CI deploys what a GitLab merge request merged (gitlab + gitlab_ci), and the "
                 "local service deploys what the local git review merged (local_git + local_process)"
             )
+        problems += self._monitoring_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _monitoring_problems(self) -> list[str]:
+        monitoring = self.monitoring
+        if monitoring is None:
+            return []
+        problems = []
+        if monitoring.served == "prediction_log" and self.deploy.backend != "local_process":
+            problems.append(
+                f"monitoring.served: 'prediction_log' reads the local service's log, but deploy.backend is "
+                f"'{self.deploy.backend}': reading shipped logs from BigQuery is not built yet (README: Drift "
+                "monitoring); leave monitoring out of this line for now"
+            )
+        truth = monitoring.ground_truth
+        if truth is None:
+            return problems
+        sql = paths.include_dir() / (truth.sql or self.extract.sql)
+        if not sql.is_file():
+            problems.append(f"monitoring.ground_truth.sql: file {sql} does not exist (paths are relative to include/)")
+        else:
+            missing = sorted(set(SQL_TABLE_REF.findall(sql.read_text())) - set(self.extract.tables))
+            if missing:
+                problems.append(
+                    f"monitoring.ground_truth.sql: uses {{{{ tables.X }}}} for {missing} but extract.tables only "
+                    f"defines {sorted(self.extract.tables)} (the actuals are read from the same warehouse)"
+                )
+        features = declared_features(self.entrypoint_path)
+        unknown = [k for k in truth.key if features is not None and k not in features]
+        if unknown:
+            problems.append(
+                f"monitoring.ground_truth.key: {unknown} are not features of {self.train.entrypoint} "
+                f"({', '.join(features or ())}): a served row carries only the model's features"
+            )
+        return problems
+
+
+def module_literals(path: Path) -> dict[str, Any]:
+    """The literal values assigned at module level in a Python file (read, not imported); OSError or
+    SyntaxError/ValueError when it cannot be read or parsed."""
+    found: dict[str, Any] = {}
+    for node in ast.parse(path.read_bytes(), filename=str(path)).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if isinstance(target, ast.Name):
+            try:
+                found[target.id] = ast.literal_eval(value)
+            except ValueError:
+                found[target.id] = None  # assigned, but not a literal
+    return found
+
+
+def declared_features(entrypoint: Path) -> tuple[str, ...] | None:
+    """``CATEGORICAL + NUMERIC`` of a training entrypoint; None when it cannot be read or declares neither."""
+    try:
+        literals = module_literals(entrypoint)
+    except (SyntaxError, ValueError, OSError):
+        return None
+    parts = [literals.get(name) for name in ("CATEGORICAL", "NUMERIC")]
+    if not any(isinstance(part, (tuple, list)) for part in parts):
+        return None
+    return tuple(str(f) for part in parts if isinstance(part, (tuple, list)) for f in part)
 
 
 def declared_metrics(entrypoint: Path) -> tuple[str, ...] | str:
     """The ``METRICS`` tuple a training entrypoint declares at module level (read, not imported), or what is wrong."""
     try:
-        tree = ast.parse(entrypoint.read_bytes(), filename=str(entrypoint))
+        value = module_literals(entrypoint).get("METRICS")
     except (SyntaxError, ValueError, OSError) as exc:
         return f"cannot read {entrypoint}: {exc}"
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value_node = node.targets[0], node.value
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target, value_node = node.target, node.value
-        else:
-            continue
-        if not (isinstance(target, ast.Name) and target.id == "METRICS"):
-            continue
-        try:
-            value = ast.literal_eval(value_node)
-        except ValueError:
-            break
-        if isinstance(value, (tuple, list)) and value and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        break
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
     return (
         f"{entrypoint} declares no METRICS: a module-level tuple of the metric names it logs, e.g. "
         'METRICS = ("mape", "r2"), so the gate can be checked before training'

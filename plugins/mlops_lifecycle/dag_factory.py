@@ -25,18 +25,18 @@ config class in ``config.py``, and one row here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from airflow.sdk import DAG, BaseOperator, CronDataIntervalTimetable, TriggerRule
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, BaseOperator, CronDataIntervalTimetable, TriggerRule
 
 from mlops_lifecycle import paths
 from mlops_lifecycle.config import ModelLineConfig, load_model_lines, model_line_files
 from mlops_lifecycle.exceptions import ModelLineConfigError
+from mlops_lifecycle.notify import FailureAlert
 from mlops_lifecycle.operators.backtest import BacktestReportOperator
 from mlops_lifecycle.operators.deploy_gitlab_ci import AwaitDeploymentsOperator, AwaitPipelineOperator
 from mlops_lifecycle.operators.deploy_local_process import LocalDeployOperator
@@ -44,6 +44,12 @@ from mlops_lifecycle.operators.extract import ExtractOperator
 from mlops_lifecycle.operators.extract_bigquery import BigQueryExtractOperator
 from mlops_lifecycle.operators.extract_duckdb import DuckDBExtractOperator
 from mlops_lifecycle.operators.housekeeping import HousekeepingOperator
+from mlops_lifecycle.operators.monitor import (
+    AlertOwnersOperator,
+    DriftCheckOperator,
+    RetrainRequestOperator,
+    ServedSnapshotOperator,
+)
 from mlops_lifecycle.operators.registry import GateOperator, PromoteOperator, RestoreStagingOperator, StageOperator
 from mlops_lifecycle.operators.review_gitlab import AwaitMergeOperator, OpenMergeRequestOperator
 from mlops_lifecycle.operators.review_local_git import (
@@ -56,35 +62,6 @@ from mlops_lifecycle.operators.train import TrainOperator
 from mlops_lifecycle.operators.train_databricks import DatabricksTrainOperator
 from mlops_lifecycle.operators.train_local_process import LocalProcessTrainOperator
 from mlops_lifecycle.operators.verify import VerifyServingOperator
-
-if TYPE_CHECKING:
-    from airflow.sdk import Context
-
-
-class FailureAlert:
-    """On task failure, append an alert record for the line's owners (local sink: a JSON-lines file)."""
-
-    def __init__(self, config: ModelLineConfig) -> None:
-        self.model_line = config.model_line
-        self.team = config.owner.team
-        self.emails = list(config.alerting.emails)
-
-    def __call__(self, context: Context) -> None:
-        ti = context["ti"]
-        exc = context.get("exception")
-        record = {
-            "model_line": self.model_line,
-            "team": self.team,
-            "to": self.emails,
-            "dag_id": ti.dag_id,
-            "run_id": ti.run_id,
-            "task_id": ti.task_id,
-            "error": f"{type(exc).__name__}: {exc}" if exc else "unknown",
-        }
-        target = paths.local_home() / "alerts" / f"{self.model_line}.jsonl"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
 
 
 def _doc(config: ModelLineConfig) -> str:
@@ -182,19 +159,104 @@ def _backtest(config: ModelLineConfig, common: dict[str, Any]) -> BaseOperator:
     return extract
 
 
-def build_lifecycle_dag(config: ModelLineConfig, register: bool = True) -> DAG:
-    """retrain-and-promote: data window -> trained, gated, reviewed, deployed, verified, promoted model."""
-    tz = config.schedule.timezone
-    default_args: dict[str, Any] = {
+def _default_args(config: ModelLineConfig) -> dict[str, Any]:
+    return {
         "owner": config.owner.team,
         "retries": config.retries,
         "retry_delay": timedelta(seconds=config.retry_delay_seconds),
         "on_failure_callback": FailureAlert(config) if config.alerting.on_failure else None,
     }
+
+
+def retrain_request(config: ModelLineConfig) -> Asset:
+    """The asset whose events are the drift monitor's retrain requests; the lifecycle DAG is scheduled on it."""
+    return Asset(
+        name=f"{config.model_line}__retrain_request",
+        uri=f"x-mlops-lifecycle://{config.model_line}/retrain-request",  # x-: no provider lookup at parse time
+        group="mlops-lifecycle",
+    )
+
+
+def build_monitor_dag(config: ModelLineConfig, register: bool = True) -> DAG:
+    """drift monitor: what production served in each interval, against the training reference of the
+    version that served it; on a breach, alert the owners and request a retrain (asset event)."""
+    monitoring = config.monitoring
+    assert monitoring is not None
+    tz = monitoring.timezone
+    start = monitoring.start_date or config.schedule.start_date
+    retrain = retrain_request(config)
+    with DAG(
+        dag_id=config.monitor_dag_id,
+        description=f"Drift and live performance of the production {config.registry.model_name}",
+        schedule=CronDataIntervalTimetable(monitoring.cron, timezone=tz),
+        start_date=datetime.combine(start, datetime.min.time(), tzinfo=ZoneInfo(tz)),
+        catchup=False,
+        # intervals in order: the cool-down compares each request with the one before
+        max_active_runs=1,
+        default_args=_default_args(config),
+        tags=sorted({"mlops", "monitor", f"line:{config.model_line}", f"team:{config.owner.team}", *config.tags}),
+        doc_md=_monitor_doc(config),
+        auto_register=register,
+    ) as dag:
+        common: dict[str, Any] = {"config": config}
+        snapshot = ServedSnapshotOperator(task_id="snapshot_served", **common)
+        check = DriftCheckOperator(task_id="check_drift", snapshot=snapshot.output, **common)
+        alert = AlertOwnersOperator(task_id="alert_owners", findings=check.output, **common)
+        request = RetrainRequestOperator(
+            task_id="request_retrain",
+            findings=check.output,
+            outlets=[retrain] if monitoring.retrain_on_breach else [],
+            **common,
+        )
+        snapshot >> check >> alert >> request
+    return dag
+
+
+def _monitor_doc(config: ModelLineConfig) -> str:
+    monitoring = config.monitoring
+    assert monitoring is not None
+    limits = monitoring.limits
+    truth = monitoring.ground_truth
+    live = (
+        f"Live performance: rows served on day D predict D + {truth.prediction_offset_days}, whose actuals are "
+        f"complete {truth.label_delay_days} day(s) later (`{truth.sql}`); a gate metric more than "
+        f"{truth.max_regression:.0%} worse than the served version's holdout value is a breach."
+        if truth
+        else "No ground truth configured: drift and data quality only."
+    )
+    retrain = (
+        f"A breach alerts the owners and requests a retrain of `{config.lifecycle_dag_id}` (asset "
+        f"`{config.model_line}__retrain_request`), at most once per {monitoring.cooldown_hours:g} hours."
+        if monitoring.retrain_on_breach
+        else "A breach alerts the owners; no retrain is requested (retrain_on_breach: false)."
+    )
+    return (
+        f"# {config.model_line}: drift monitor\n\nEach run checks what production served in its data interval, "
+        "split by the model version that served it, against that version's training reference sample "
+        f"(MLflow experiment `{config.monitoring_experiment}`, one run per version and interval).\n\n"
+        "| check | breach when |\n|---|---|\n"
+        f"| PSI (reference deciles) | >= {limits.psi:g} |\n"
+        f"| KS (numeric), chi-squared (categorical) | p < {limits.p_value:g} over all columns (Bonferroni) |\n"
+        f"| null rate | {limits.null_rate_increase:g} above the reference |\n"
+        f"| out of the reference range | more than {limits.out_of_range_rate:g} of values |\n"
+        f"| unseen categories | more than {limits.unseen_rate:g} of values |\n\n"
+        f"Versions with fewer than {limits.min_rows} rows in an interval are reported, not judged.\n\n"
+        f"{live}\n\n{retrain}\n"
+    )
+
+
+def build_lifecycle_dag(config: ModelLineConfig, register: bool = True) -> DAG:
+    """retrain-and-promote: data window -> trained, gated, reviewed, deployed, verified, promoted model."""
+    tz = config.schedule.timezone
+    default_args = _default_args(config)
+    schedule: Any = CronDataIntervalTimetable(config.schedule.cron, timezone=tz)
+    if config.monitoring is not None and config.monitoring.retrain_on_breach:
+        # the cron, or a retrain the drift monitor requests (its window: up to the request, window.py)
+        schedule = AssetOrTimeSchedule(timetable=schedule, assets=[retrain_request(config)])
     with DAG(
         dag_id=config.lifecycle_dag_id,
         description=f"Retrain, gate, review, deploy and promote {config.registry.model_name}",
-        schedule=CronDataIntervalTimetable(config.schedule.cron, timezone=tz),
+        schedule=schedule,
         start_date=datetime.combine(config.schedule.start_date, datetime.min.time(), tzinfo=ZoneInfo(tz)),
         catchup=config.schedule.catchup,
         # one lifecycle run of a line at a time: the scheduler makes each line's runs the single writer of
@@ -253,11 +315,13 @@ def build_all(register: bool = True) -> tuple[dict[str, DAG], list[ModelLineConf
     dags: dict[str, DAG] = {}
     for config in configs:
         try:
-            dag = build_lifecycle_dag(config, register)
+            built = [build_lifecycle_dag(config, register)]
+            if config.monitoring is not None:
+                built.append(build_monitor_dag(config, register))
         except Exception as exc:  # noqa: BLE001 - one line's problem must not take the others down
             folder = paths.model_lines_dir()
             path = next((p for p in model_line_files(folder) if p.stem == config.model_line), folder)
             errors.append(ModelLineConfigError(str(path), [f"its DAG cannot be built: {type(exc).__name__}: {exc}"]))
             continue
-        dags[dag.dag_id] = dag
+        dags.update((dag.dag_id, dag) for dag in built)
     return dags, errors

@@ -55,3 +55,8 @@ class DatabricksRunLink(_RecordedLink):
 class BacktestReportLink(_RecordedLink):
     name = "Backtest report"
     key = "backtest_report"
+
+
+class DriftReportLink(_RecordedLink):
+    name = "Drift report"
+    key = "drift_report"

@@ -3,7 +3,10 @@
 The window is the Airflow data interval: the run for interval [start, end) trains on
 ``training_lookback_days`` of data ending at ``end`` and holds out the last ``holdout_days``.
 A run without a logical date (a manual trigger in Airflow 3 may have none) gets the last complete
-cron period before it was triggered, so it still has a real, reproducible window.
+cron period before it was triggered, so it still has a real, reproducible window. A retrain that the
+drift monitor requested (an asset-triggered run) trains on data up to the moment it was requested:
+its interval runs from the last cron boundary to its ``run_after``, so it has a run key of its own
+instead of finding the scheduled run's model of the same period again.
 
 The run key (model line + window) identifies every side effect of the run: the snapshot, the MLflow
 run tag, the review branch. A retry, or a re-run of the same window, finds what the first made.
@@ -68,14 +71,25 @@ def last_complete_interval(cron: str, tz: str, before: datetime) -> tuple[dateti
     return start.astimezone(UTC), end.astimezone(UTC)
 
 
+def requested_interval(cron: str, tz: str, run_after: datetime) -> tuple[datetime, datetime]:
+    """The interval of a requested retrain: from the last cron boundary before ``run_after`` (to the minute)."""
+    end = run_after.astimezone(UTC).replace(second=0, microsecond=0)
+    _, boundary = last_complete_interval(cron, tz, end - timedelta(seconds=1))  # the last boundary before end
+    return boundary, end
+
+
 def resolve_window(
     config: ModelLineConfig,
     interval_start: datetime | None,
     interval_end: datetime | None,
     run_after: datetime | None,
+    requested: bool = False,
 ) -> DataWindow:
-    """Window of a run from its data interval; falls back to the last cron period before ``run_after``."""
-    if interval_start is None or interval_end is None or interval_end <= interval_start:
+    """Window of a run from its data interval; falls back to the last cron period before ``run_after``,
+    or, for a requested retrain (``requested``), to the time since the last cron boundary."""
+    if requested and run_after is not None:
+        interval_start, interval_end = requested_interval(config.schedule.cron, config.schedule.timezone, run_after)
+    elif interval_start is None or interval_end is None or interval_end <= interval_start:
         anchor = run_after or datetime.now(UTC)
         interval_start, interval_end = last_complete_interval(config.schedule.cron, config.schedule.timezone, anchor)
     window_end = interval_end.date()

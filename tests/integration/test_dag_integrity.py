@@ -47,6 +47,10 @@ for dag_id, dag in bag.dags.items():
         "owner": dag.owner,
         "catchup": dag.catchup,
         "max_active_runs": dag.max_active_runs,
+        "schedule_assets": sorted(a.name for a in getattr(dag.timetable, "asset_condition", None).objects)
+        if getattr(dag.timetable, "asset_condition", None) is not None else [],
+        "timetable_inner": type(getattr(dag.timetable, "timetable", dag.timetable)).__name__,
+        "outlets": {t.task_id: sorted(a.name for a in t.outlets) for t in dag.tasks},
     }
 print(json.dumps({"dags": dags, "errors": bag.import_errors, "heavy": heavy}))
 """
@@ -70,10 +74,26 @@ def shipped() -> dict:
     return parse_dag_folder(paths.include_dir() / "model_lines")
 
 
-def test_no_import_errors_and_one_lifecycle_dag_per_model_line(shipped):
+def test_no_import_errors_and_a_lifecycle_and_a_monitor_dag_per_model_line(shipped):
     assert shipped["errors"] == {}
     lines = sorted(p.stem for p in (paths.include_dir() / "model_lines").glob("*.yaml"))
-    assert sorted(shipped["dags"]) == [f"{line}__lifecycle" for line in lines]
+    assert sorted(shipped["dags"]) == sorted(f"{line}__{kind}" for line in lines for kind in ("lifecycle", "monitor"))
+
+
+def test_monitor_requests_retrains_through_the_asset_the_lifecycle_is_scheduled_on(shipped):
+    for line in ("demand_forecast", "high_demand_alert"):
+        monitor, lifecycle = shipped["dags"][f"{line}__monitor"], shipped["dags"][f"{line}__lifecycle"]
+        assert monitor["tasks"] == ["snapshot_served", "check_drift", "alert_owners", "request_retrain"]
+        asset = f"{line}__retrain_request"
+        # only the request task emits the event: a breach without a request (cool-down) emits nothing
+        assert monitor["outlets"] == {
+            "snapshot_served": [], "check_drift": [], "alert_owners": [], "request_retrain": [asset]
+        }
+        # the lifecycle keeps its cron and also starts on a request
+        assert lifecycle["timetable"] == "AssetOrTimeSchedule" and lifecycle["schedule_assets"] == [asset]
+        assert lifecycle["timetable_inner"] == "CronDataIntervalTimetable"
+        assert monitor["timetable"] == "CronDataIntervalTimetable" and monitor["max_active_runs"] == 1
+        assert {"mlops", "monitor", f"line:{line}"} <= set(monitor["tags"])
 
 
 def test_no_heavy_module_is_imported_at_parse_time(shipped):
@@ -115,7 +135,8 @@ def test_lifecycle_shape_tags_owner_and_retries(shipped):
 
 
 def test_timetables_give_real_data_intervals(shipped):
-    assert {d["timetable"] for d in shipped["dags"].values()} == {"CronDataIntervalTimetable"}
+    # a lifecycle scheduled on its cron or a retrain request keeps the cron's real intervals for its scheduled runs
+    assert {d["timetable_inner"] for d in shipped["dags"].values()} == {"CronDataIntervalTimetable"}
 
 
 def test_bad_config_is_an_import_error_in_the_ui_and_the_other_lines_still_load(tmp_path):
@@ -126,7 +147,7 @@ def test_bad_config_is_an_import_error_in_the_ui_and_the_other_lines_still_load(
     (tmp_path / "high_demand_alert.yaml").write_text(yaml.safe_dump(bad))
 
     parsed = parse_dag_folder(tmp_path)
-    assert list(parsed["dags"]) == ["demand_forecast__lifecycle"]
+    assert sorted(parsed["dags"]) == ["demand_forecast__lifecycle", "demand_forecast__monitor"]
     [(error_file, message)] = parsed["errors"].items()
     assert error_file.endswith("model_line_config_errors.py")
     assert "high_demand_alert.yaml" in message

@@ -159,16 +159,9 @@ class BacktestReportOperator(LifecycleOperator):
     @cached_property
     def scorer(self) -> Any:
         """The line's own metrics and features, from its training entrypoint loaded as a module."""
-        import importlib.util
-        import sys
+        from mlops_lifecycle.entrypoint import load_entrypoint
 
-        entrypoint = self.config.entrypoint_path
-        sys.path.insert(0, str(entrypoint.parent))  # the entrypoint imports lifecycle_training beside it
-        spec = importlib.util.spec_from_file_location(f"mlops_entrypoint_{self.config.model_line}", entrypoint)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {entrypoint}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_entrypoint(self.config)
         import lifecycle_training
 
         self.registry.client  # noqa: B018 - sets the tracking token for mlflow.pyfunc in this process

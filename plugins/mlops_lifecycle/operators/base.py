@@ -30,6 +30,16 @@ if TYPE_CHECKING:
     from mlops_lifecycle.contract import DeploymentRepository
     from mlops_lifecycle.hooks.mlflow_registry import MlflowRegistryHook
 
+ASSET_TRIGGERED = "asset_triggered"  # a run the drift monitor's retrain request started
+BACKFILL = "backfill"  # a backtest (lifecycle) or a look at past intervals (monitor)
+
+
+def run_type(context: Context) -> str:
+    """The run's type as a string: scheduled, manual, backfill, asset_triggered."""
+    value = getattr(context.get("dag_run"), "run_type", None)
+    return str(getattr(value, "value", value))
+
+
 #: an upstream task's output: an XComArg when the DAG is built, the contract's value in ``execute``
 Upstream = Any
 
@@ -52,6 +62,7 @@ class LifecycleOperator(BaseOperator):
             context.get("data_interval_start"),
             context.get("data_interval_end"),
             getattr(dag_run, "run_after", None),
+            requested=run_type(context) == ASSET_TRIGGERED,
         )
 
     @staticmethod

@@ -18,13 +18,23 @@ from airflow.providers.standard.operators.branch import BranchMixIn
 from airflow.sdk.exceptions import AirflowSkipException
 
 from mlops_lifecycle.exceptions import BacktestRequestInvalid
-from mlops_lifecycle.operators.base import LifecycleOperator
+from mlops_lifecycle.operators.base import ASSET_TRIGGERED, BACKFILL, LifecycleOperator, run_type
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-BACKFILL = "backfill"
 LIFECYCLE_START, BACKTEST_START = "extract", "backtest_extract"
+
+
+def requested_by(context: Context) -> str:
+    """What the drift monitor said when it requested this run (its asset events' extra)."""
+    events = context.get("triggering_asset_events") or {}
+    said = [
+        f"{event.extra.get('monitor_run', '?')}: {event.extra.get('summary', 'no summary')}"
+        for asset_events in events.values()
+        for event in asset_events
+    ]
+    return "; ".join(said) or "no asset event found"
 
 
 class RouteRunOperator(LifecycleOperator, BranchMixIn):
@@ -37,8 +47,8 @@ class RouteRunOperator(LifecycleOperator, BranchMixIn):
 
         window = self.window(context)
         dag_run = context["dag_run"]
-        run_type = str(getattr(dag_run.run_type, "value", dag_run.run_type))
-        if run_type == BACKFILL:
+        kind = run_type(context)
+        if kind == BACKFILL:
             try:
                 variant = variant_from_conf(self.config, getattr(dag_run, "conf", None))
             except BacktestConfError as exc:
@@ -52,5 +62,7 @@ class RouteRunOperator(LifecycleOperator, BranchMixIn):
         because = self.superseded_because(window.run_key)
         if because:
             raise AirflowSkipException(f"Run for {window.run_key} {because}; nothing trained")
-        self.log.info("Run key %s (%s run): on to the lifecycle", window.run_key, run_type)
+        if kind == ASSET_TRIGGERED:
+            self.log.info("Retrain requested by the drift monitor: %s", requested_by(context))
+        self.log.info("Run key %s (%s run): on to the lifecycle", window.run_key, kind)
         return self.do_branch(context, LIFECYCLE_START)

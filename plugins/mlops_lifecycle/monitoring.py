@@ -1,0 +1,110 @@
+"""The drift monitor's decisions, as plain functions: intervals, the label join, live performance
+against the served version's holdout, the retrain cool-down, and the keys that make every write once.
+
+A monitor run checks its data interval: what production served in it, split by the model version that
+served each row (a deploy inside the interval gives each version its own check), against that version's
+training reference. Live performance needs actuals, which arrive late: a row served on day D predicts
+day D + ``prediction_offset_days``, whose actuals are complete ``label_delay_days`` later. So the run
+for [start, end) scores the rows served in the same interval shifted back by offset + delay days, whose
+actuals are all in by ``end``; consecutive runs score every served row exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mlops_lifecycle.config import GroundTruth, MetricRule, Monitoring
+
+KEY_TIME = "%Y%m%dT%H%M"
+MONITOR_KEY_TAG = "monitor.key"
+RETRAIN_TAG = "monitor.retrain"  # requested | cooldown | not requested (backfill) | off
+RETRAIN_AT_TAG = "monitor.retrain_requested_at"
+
+
+def interval_label(start: datetime, end: datetime) -> str:
+    return f"{start.astimezone(UTC):{KEY_TIME}}-{end.astimezone(UTC):{KEY_TIME}}"
+
+
+def monitor_key(model_line: str, version: str, start: datetime, end: datetime) -> str:
+    """Identity of one monitoring run: one per served version and interval (a retry finds it)."""
+    return f"{model_line}/v{version}/{interval_label(start, end)}"
+
+
+def monitor_interval(
+    monitoring: Monitoring, start: datetime | None, end: datetime | None, run_after: datetime | None
+) -> tuple[datetime, datetime]:
+    """The interval a monitor run checks: its data interval, or (a manual run without one) the last
+    complete period of the monitor's cron before it was triggered."""
+    if start is not None and end is not None and end > start:
+        return start.astimezone(UTC), end.astimezone(UTC)
+    from mlops_lifecycle.window import last_complete_interval
+
+    return last_complete_interval(monitoring.cron, monitoring.timezone, run_after or datetime.now(UTC))
+
+
+def labelled_interval(truth: GroundTruth, start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """The served interval whose actuals are complete by ``end``: [start, end) moved back by offset + delay."""
+    lag = timedelta(days=truth.prediction_offset_days + truth.label_delay_days)
+    return start - lag, end - lag
+
+
+def join_actuals(served: pd.DataFrame, actuals: pd.DataFrame, truth: GroundTruth) -> pd.DataFrame:
+    """Served rows with the actual of what they predicted: ``date`` = serving day + offset, joined on
+    the key columns and ``date``. Rows whose actual is missing are dropped (counted by the caller)."""
+    import pandas as pd
+
+    rows = served.copy()
+    day = pd.to_datetime(rows["ts"], utc=True).dt.tz_convert(None).dt.normalize()
+    rows["date"] = day + pd.Timedelta(days=truth.prediction_offset_days)
+    facts = actuals[[*truth.key, "date", "actual"]].copy()
+    facts["date"] = pd.to_datetime(facts["date"]).dt.tz_localize(None).dt.normalize()
+    for column in truth.key:  # served values were JSON; the warehouse's may be typed differently
+        rows[column] = rows[column].astype(str)
+        facts[column] = facts[column].astype(str)
+    facts = facts.drop_duplicates([*truth.key, "date"], keep="last")
+    return rows.merge(facts, on=[*truth.key, "date"], how="inner")
+
+
+def performance_breaches(
+    live: Mapping[str, float], holdout: Mapping[str, float], rules: Mapping[str, MetricRule], max_regression: float
+) -> list[str]:
+    """Gate metrics that are live worse than the served version's holdout value by more than ``max_regression``
+    (a fraction of the holdout value), each as a readable reason."""
+    reasons = []
+    for name, rule in rules.items():
+        now, then = live.get(name), holdout.get(name)
+        if now is None or then is None or not (math.isfinite(now) and math.isfinite(then)):
+            continue
+        worse = (now - then) if rule.direction == "minimize" else (then - now)
+        allowed = max_regression * max(abs(then), 1e-12)
+        if worse > allowed:
+            reasons.append(
+                f"live {name} {now:.4g} vs {then:.4g} on the holdout: {worse / max(abs(then), 1e-12):.0%} worse "
+                f"(> {max_regression:.0%})"
+            )
+    return reasons
+
+
+def cooldown_until(last_request: datetime | None, cooldown_hours: float) -> datetime | None:
+    """When the next retrain request may be made, or None if it may be made now."""
+    if last_request is None or cooldown_hours <= 0:
+        return None
+    return last_request + timedelta(hours=cooldown_hours)
+
+
+def summary(findings: Mapping[str, Any], limit: int = 3) -> str:
+    """One line for alerts and the asset event: which versions breached, and the first reasons."""
+    parts = []
+    for version, found in findings.items():
+        breaches = found.get("breaches", [])
+        if breaches:
+            more = f"; and {len(breaches) - limit} more" if len(breaches) > limit else ""
+            shown = "; ".join(breaches[:limit]) + more
+            parts.append(f"v{version}: {shown}")
+    return " | ".join(parts) or "no breach"

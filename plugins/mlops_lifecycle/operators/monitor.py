@@ -1,0 +1,541 @@
+"""The drift monitor DAG's steps (``<line>__monitor``)::
+
+    snapshot_served >> check_drift >> on_breach   (on_breach's outlet: the line's retrain request asset)
+
+``snapshot_served`` freezes what production served in the run's interval (and, with ground truth, the
+earlier interval whose actuals are now complete, and those actuals) as snapshots a retry reuses.
+``check_drift`` checks each model version that served against its own training reference and logs one
+MLflow run per version and interval with the drift report; a retry finds the runs it made. ``on_breach``
+alerts the owners and requests a retrain (an asset event the lifecycle DAG is scheduled on), unless the
+line is in its cool-down; without a breach it is skipped, so no event is emitted.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowSkipException
+
+from mlops_lifecycle import paths
+from mlops_lifecycle.config import Monitoring, declared_features
+from mlops_lifecycle.exceptions import LifecycleError
+from mlops_lifecycle.links import DriftReportLink, MlflowRunLink
+from mlops_lifecycle.monitoring import (
+    MONITOR_KEY_TAG,
+    RETRAIN_AT_TAG,
+    RETRAIN_TAG,
+    cooldown_until,
+    interval_label,
+    labelled_interval,
+    monitor_interval,
+    monitor_key,
+    performance_breaches,
+    summary,
+)
+from mlops_lifecycle.operators.base import BACKFILL, LifecycleOperator, Upstream, run_type
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from airflow.sdk import Context
+
+FINDINGS_TAG = "monitor.findings"
+VERDICT_TAG = "monitor.verdict"
+REPORT_HTML, REPORT_PNG = "drift_report.html", "drift_report.png"
+PREDICTION = "prediction"
+
+
+class MonitorOperator(LifecycleOperator):
+    ui_color = "#eaf7ee"
+
+    @property
+    def monitoring(self) -> Monitoring:
+        if self.config.monitoring is None:
+            raise LifecycleError(f"model line {self.config.model_line} has no monitoring section")
+        return self.config.monitoring
+
+    @cached_property
+    def experiment_id(self) -> str:
+        client, name = self.registry.client, self.config.monitoring_experiment
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(client.create_experiment(name))
+        except Exception:  # noqa: BLE001 - made meanwhile by another line's or run's monitor
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
+    def interval(self, context: Context) -> tuple[datetime, datetime]:
+        return monitor_interval(
+            self.monitoring,
+            context.get("data_interval_start"),
+            context.get("data_interval_end"),
+            getattr(context.get("dag_run"), "run_after", None),
+        )
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
+class ServedSnapshotOperator(MonitorOperator):
+    """Freeze what production served in the interval (and the labelled interval, with its actuals)."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from mlops_lifecycle.adapters.served_log import snapshot_prediction_log
+
+        start, end = self.interval(context)
+        features = declared_features(self.config.entrypoint_path)
+        if not features:
+            raise LifecycleError(
+                f"{self.config.train.entrypoint} declares no CATEGORICAL/NUMERIC features: the monitor reads "
+                "them to know the columns of a served row"
+            )
+        logs, snapshots = paths.local_home() / "predictions", paths.local_home() / "warehouse" / "snapshots"
+        line = self.config.model_line
+
+        def freeze(first: datetime, last: datetime) -> dict[str, Any]:
+            made = snapshot_prediction_log(
+                logs, line, first, last, features, snapshots / f"{line}__served__{interval_label(first, last)}.parquet"
+            )
+            self.log.info(
+                "Served %s..%s: %d rows of versions %s from %d log lines (%s bad: %s)%s",
+                _iso(first), _iso(last), made.rows, made.versions or "none", made.lines,
+                sum(made.bad_lines.values()), made.bad_lines or "none", ", snapshot reused" if made.reused else "",
+            )
+            return {"interval_start": _iso(first), "interval_end": _iso(last), **asdict(made)}
+
+        out: dict[str, Any] = {"interval_start": _iso(start), "interval_end": _iso(end), "served": freeze(start, end)}
+        truth = self.monitoring.ground_truth
+        if truth is not None:
+            first, last = labelled_interval(truth, start, end)
+            labelled = freeze(first, last)
+            labelled["actuals_uri"] = self.actuals(first, last) if labelled["rows"] else None
+            out["labelled"] = labelled
+        return out
+
+    def actuals(self, first: datetime, last: datetime) -> str | None:
+        """Snapshot of the actuals of the days the labelled rows predicted (None: the warehouse has none yet)."""
+        from mlops_lifecycle.adapters.warehouse import LocalWarehouse
+        from mlops_lifecycle.exceptions import SnapshotError
+
+        truth = self.monitoring.ground_truth
+        assert truth is not None
+        offset = timedelta(days=truth.prediction_offset_days)
+        days_from, days_to = (first + offset).date(), (last + offset).date() + timedelta(days=1)
+        warehouse = LocalWarehouse(paths.local_home() / "warehouse")
+        warehouse.ensure_sample_data(through=min(days_to, datetime.now(UTC).date()))
+        try:
+            made = warehouse.snapshot(
+                sql_template=(paths.include_dir() / (truth.sql or self.config.extract.sql)).read_text(),
+                tables=dict(self.config.extract.tables),
+                window_start=days_from,
+                window_end=days_to,
+                name=f"{self.config.model_line}__actuals__{days_from:%Y%m%d}-{days_to:%Y%m%d}",
+            )
+        except SnapshotError as exc:
+            self.log.warning("No actuals for %s..%s yet: %s", days_from, days_to, exc)
+            return None
+        self.log.info("Actuals %s..%s: %d rows (%s)", days_from, days_to, made.rows, made.uri)
+        return made.uri
+
+
+class DriftCheckOperator(MonitorOperator):
+    """Check each served version against its training reference; one MLflow run per version and interval."""
+
+    operator_extra_links = (DriftReportLink(), MlflowRunLink())
+
+    def __init__(self, *, snapshot: Upstream, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.snapshot = snapshot
+
+    template_fields = ("snapshot",)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        import pandas as pd
+
+        snap = self.snapshot
+        served_info = snap["served"]
+        start, end = datetime.fromisoformat(snap["interval_start"]), datetime.fromisoformat(snap["interval_end"])
+        served = pd.read_parquet(served_info["uri"])
+        labelled_info = snap.get("labelled")
+        labelled = self.labelled_rows(labelled_info)
+        versions = sorted(
+            set(served_info["versions"]) | set(labelled["model_version"].unique() if labelled is not None else []),
+            key=lambda v: (len(v), v),
+        )
+        findings: dict[str, Any] = {}
+        for version in versions:
+            findings[version] = self.check_version(
+                version,
+                start,
+                end,
+                served[served["model_version"] == version],
+                labelled[labelled["model_version"] == version] if labelled is not None else None,
+                served_info,
+            )
+        if not versions:
+            self.log.info("Nothing served in %s..%s: no version to check", _iso(start), _iso(end))
+        breached = [v for v, found in findings.items() if found["breaches"]]
+        shown = breached[0] if breached else (versions[0] if versions else None)
+        if shown is not None:
+            self.set_link(DriftReportLink.key, findings[shown].get("report_url"))
+            self.set_link(MlflowRunLink.key, findings[shown].get("run_url"))
+        text = summary(findings)
+        self.log.info("Interval %s..%s: %s", _iso(start), _iso(end), text)
+        return {
+            "interval_start": snap["interval_start"],
+            "interval_end": snap["interval_end"],
+            "versions": findings,
+            "breached": bool(breached),
+            "summary": text,
+            "bad_log_lines": sum(served_info["bad_lines"].values()),
+        }
+
+    # --- inputs --------------------------------------------------------------------------------------
+    def labelled_rows(self, info: dict[str, Any] | None) -> pd.DataFrame | None:
+        """The labelled interval's served rows joined with their actuals (None without ground truth)."""
+        import pandas as pd
+
+        from mlops_lifecycle.monitoring import join_actuals
+
+        truth = self.monitoring.ground_truth
+        if info is None or truth is None:
+            return None
+        rows = pd.read_parquet(info["uri"])
+        if not info.get("actuals_uri") or rows.empty:
+            return rows.iloc[0:0].assign(actual=pd.Series(dtype=float))
+        actual = truth.actual or self.config.train.target
+        actuals = pd.read_parquet(info["actuals_uri"])
+        missing = [c for c in (*truth.key, "date", actual) if c not in actuals.columns]
+        if missing:
+            raise LifecycleError(
+                f"monitoring.ground_truth: its SQL ({truth.sql or self.config.extract.sql}) must return "
+                f"{[*truth.key, 'date', actual]}; {missing} missing from its columns {list(actuals.columns)}"
+            )
+        actuals = actuals.rename(columns={actual: "actual"})
+        joined = join_actuals(rows, actuals, truth)
+        self.log.info("Labelled rows: %d of %d served rows found their actual", len(joined), len(rows))
+        return joined
+
+    def reference(self, version: str) -> tuple[pd.DataFrame, dict[str, str], str] | str:
+        """(sample, column kinds, training run id) of a version, or why there is none."""
+        import pandas as pd
+
+        name = self.config.registry.model_name
+        try:
+            run_id = self.registry.client.get_model_version(name, version).run_id
+        except Exception as exc:  # noqa: BLE001 - a version deleted by hand: reported, not fatal
+            return f"v{version} is not in the registry ({type(exc).__name__})"
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                profile_file = self.registry.client.download_artifacts(run_id, "reference_profile.json", folder)
+                sample_file = self.registry.client.download_artifacts(run_id, "reference_sample.parquet", folder)
+            except Exception:  # noqa: BLE001 - trained before the monitor existed
+                return f"v{version} has no reference sample (its training run {run_id} predates drift monitoring)"
+            profile = json.loads(Path(profile_file).read_text())
+            sample = pd.read_parquet(sample_file)
+        kinds = dict(profile.get("kinds") or {c: s["kind"] for c, s in profile["columns"].items()})
+        return sample, kinds, run_id
+
+    def holdout_metrics(self, run_id: str) -> dict[str, float]:
+        metrics = self.registry.client.get_run(run_id).data.metrics
+        return {name: metrics[name] for name in self.config.gate.metrics if name in metrics}
+
+    # --- one version -----------------------------------------------------------------------------------
+    def check_version(
+        self,
+        version: str,
+        start: datetime,
+        end: datetime,
+        served: pd.DataFrame,
+        labelled: pd.DataFrame | None,
+        served_info: dict[str, Any],
+    ) -> dict[str, Any]:
+        key = monitor_key(self.config.model_line, version, start, end)
+        client = self.registry.client
+        runs = client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{MONITOR_KEY_TAG}` = '{key}'", max_results=10
+        )
+        for run in runs:
+            if run.info.status == "FINISHED" and FINDINGS_TAG in run.data.tags:
+                self.log.info("v%s: %s was checked by an earlier try (run %s): reused", version, key, run.info.run_id)
+                found: dict[str, Any] = json.loads(run.data.tags[FINDINGS_TAG])
+                return found
+            client.delete_run(run.info.run_id)  # a try that died while logging: made again, not left half-done
+        return self.log_check(version, key, start, end, served, labelled, served_info)
+
+    def log_check(
+        self,
+        version: str,
+        key: str,
+        start: datetime,
+        end: datetime,
+        served: pd.DataFrame,
+        labelled: pd.DataFrame | None,
+        served_info: dict[str, Any],
+    ) -> dict[str, Any]:
+        from mlflow.entities import Metric
+
+        from mlops_lifecycle.drift import DriftThresholds, check_drift, reference_from_frame
+        from mlops_lifecycle.drift_report import render_html, render_png
+
+        limits = self.monitoring.limits
+        thresholds = DriftThresholds(**limits.model_dump())
+        reference = self.reference(version)
+        breaches: list[str] = []
+        metrics: dict[str, float] = {"served_rows": float(len(served))}
+        result = None
+        if isinstance(reference, str):
+            verdict = "no reference"
+            self.log.warning("v%s: %s; drift not checked", version, reference)
+            training_run = None
+        else:
+            sample, kinds, training_run = reference
+            if len(served):
+                columns = [c for c in kinds if c in sample.columns]
+                result = check_drift(
+                    reference_from_frame(sample[columns], {c: kinds[c] for c in columns}),
+                    served,
+                    thresholds,
+                    prediction_column=PREDICTION if PREDICTION in kinds else None,
+                )
+                breaches += [f"{column}: {reason}" for column, reason in result.breaches]
+                metrics |= _drift_metrics(result)
+            verdict = (
+                "no rows served"
+                if not len(served)
+                else "breach"
+                if breaches
+                else "ok"
+                if result is not None and result.judged
+                else f"not judged ({len(served)} rows < min_rows {limits.min_rows})"
+            )
+        live, holdout = self.performance(labelled, training_run)
+        metrics |= {f"live.{k}": v for k, v in live.items()} | {f"holdout.{k}": v for k, v in holdout.items()}
+        if labelled is not None:
+            metrics["labelled_rows"] = float(len(labelled))
+        truth = self.monitoring.ground_truth
+        if live and truth is not None:
+            lost = performance_breaches(live, holdout, self.config.gate.metrics, truth.max_regression)
+            breaches += lost
+            if lost:
+                verdict = "breach"
+        client = self.registry.client
+        run = client.create_run(
+            self.experiment_id,
+            run_name=f"v{version} {interval_label(start, end)}",
+            tags={
+                MONITOR_KEY_TAG: key,
+                "lifecycle.model_line": self.config.model_line,
+                "lifecycle.model_version": version,
+                "monitor.interval_start": _iso(start),
+                "monitor.interval_end": _iso(end),
+                "monitor.training_run": training_run or "",
+                VERDICT_TAG: verdict,
+            },
+        )
+        run_id = run.info.run_id
+        stamp, step = int(end.timestamp() * 1000), int(end.timestamp() // 3600)  # hours since the epoch
+        metrics["bad_log_lines"] = float(sum(served_info["bad_lines"].values()))
+        batch = [Metric(_metric_name(k), float(v), stamp, step) for k, v in metrics.items() if v is not None]
+        for first in range(0, len(batch), 900):
+            client.log_batch(run_id, metrics=batch[first : first + 900])
+        url = self.registry.run_url(self.experiment_id, run_id)
+        report_url = None
+        if result is not None:
+            title = f"{self.config.model_line} v{version}, served {interval_label(start, end)}"
+            context = {
+                "model line": self.config.model_line,
+                "model version": f"v{version}",
+                "interval": f"{_iso(start)} .. {_iso(end)}",
+                "served rows": str(len(served)),
+                "bad log lines": str(int(metrics["bad_log_lines"])),
+                "training run": training_run or "-",
+                "verdict": verdict,
+            }
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / REPORT_PNG).write_bytes(render_png(result, title))
+                (Path(folder) / REPORT_HTML).write_text(render_html(result, title, context, png_name=REPORT_PNG))
+                client.log_artifacts(run_id, folder)
+            report_url = f"{url}/artifacts/{REPORT_HTML}" if url else None
+        findings = {
+            "run_id": run_id,
+            "run_url": url,
+            "report_url": report_url,
+            "rows": len(served),
+            "verdict": verdict,
+            "breaches": breaches,
+            "drifted": sorted({b.split(":", 1)[0] for b in breaches if result is not None and ":" in b}),
+            "live": live,
+            "holdout": holdout,
+            "labelled_rows": 0 if labelled is None else len(labelled),
+        }
+        client.set_tag(run_id, FINDINGS_TAG, _bounded_json(findings))
+        client.set_terminated(run_id)
+        self.log.info("v%s: %s (%d rows); %s", version, verdict, len(served), "; ".join(breaches) or "no breach")
+        return findings
+
+    def performance(
+        self, labelled: pd.DataFrame | None, training_run: str | None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """(live gate metrics on the labelled rows, the served version's holdout metrics)."""
+        if labelled is None or labelled.empty or training_run is None:
+            return {}, {}
+        from mlops_lifecycle.entrypoint import load_entrypoint
+
+        line = load_entrypoint(self.config).LINE
+        computed = line.metrics(labelled["actual"].to_numpy(dtype=float), labelled[PREDICTION].to_numpy(dtype=float))
+        live = {name: float(value) for name, value in computed.items() if name in self.config.gate.metrics}
+        return live, self.holdout_metrics(training_run)
+
+
+class _OnBreach(MonitorOperator):
+    """What runs after ``check_drift`` on a breach; skipped (saying why) when nothing breached."""
+
+    def __init__(self, *, findings: Upstream, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.findings = findings
+
+    template_fields = ("findings",)
+
+    def breached(self) -> tuple[str, dict[str, Any]]:
+        """(the interval, the breached versions' findings); skip the task when nothing breached."""
+        found = self.findings
+        interval = f"{found['interval_start']} .. {found['interval_end']}"
+        if not found["breached"]:
+            raise AirflowSkipException(f"No breach in {interval}: nothing to alert, no retrain request")
+        return interval, {v: f for v, f in found["versions"].items() if f["breaches"]}
+
+
+class AlertOwnersOperator(_OnBreach):
+    """Tell the line's owners about a breach (the line's notifier), once per interval; record it on the runs."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from mlops_lifecycle.notify import LineAlert
+
+        interval, breached = self.breached()
+        runs = [f["run_id"] for f in breached.values()]
+        to = ",".join(self.config.alerting.emails) or f"team {self.config.owner.team}"
+        tags = [self.registry.client.get_run(r).data.tags for r in runs]
+        if all("monitor.alerted_at" in t for t in tags):
+            self.log.info("Alerted by an earlier try at %s: not sent twice", tags[0]["monitor.alerted_at"])
+            return {"alerted": to, "runs": runs}
+        ti = context["ti"]
+        links = [f.get("report_url") or f.get("run_url") for f in breached.values()]
+        links = [link for link in links if link]
+        LineAlert(
+            self.config,
+            kind="drift_breach",
+            subject=f"drift breach in production, {interval}",
+            body=f"{self.findings['summary']}\n\nDrift reports: {', '.join(links) or '-'}\n"
+            f"Airflow: {ti.dag_id} / {ti.run_id}",
+            record={
+                "dag_id": ti.dag_id,
+                "run_id": ti.run_id,
+                "interval": interval,
+                "summary": self.findings["summary"],
+                "reports": links,
+                "monitor_runs": runs,
+            },
+        ).notify(context)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        for run_id in runs:
+            self.registry.set_run_tags(run_id, {"monitor.alerted_to": to, "monitor.alerted_at": now})
+        self.log.info("Alerted %s: %s", to, self.findings["summary"])
+        return {"alerted": to, "runs": runs}
+
+
+class RetrainRequestOperator(_OnBreach):
+    """Request a retrain on a breach: this task's outlet (the line's retrain asset) is the request, so the
+    task is skipped, saying why, when no request is due (cool-down, backfill, retrain_on_breach off)."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        interval, breached = self.breached()
+        runs = [f["run_id"] for f in breached.values()]
+        decision, because = self.decision(context, runs)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        for run_id in runs:
+            tags = {RETRAIN_TAG: decision, "monitor.retrain_because": because}
+            self.registry.set_run_tags(run_id, tags | ({RETRAIN_AT_TAG: now} if decision == "requested" else {}))
+        if decision != "requested":
+            raise AirflowSkipException(f"Retrain not requested for the breach in {interval}: {because}")
+        ti = context["ti"]
+        for asset in self.outlets:
+            context["outlet_events"][asset].extra = {
+                "model_line": self.config.model_line,
+                "interval": interval,
+                "summary": self.findings["summary"][:2000],
+                "monitor_run": f"{ti.dag_id}/{ti.run_id}",
+                "mlflow_runs": runs,
+            }
+        self.log.info("Retrain requested (%s): %s", because, self.findings["summary"])
+        return {"retrain": decision, "because": because, "monitor_runs": runs}
+
+    def decision(self, context: Context, runs: list[str]) -> tuple[str, str]:
+        """('requested' | 'cooldown' | 'off' | 'not requested', why)."""
+        if not self.monitoring.retrain_on_breach:
+            return "off", "monitoring.retrain_on_breach is false"
+        if run_type(context) == BACKFILL:
+            return "not requested", "a backfill of the monitor looks at the past; it requests no retrain"
+        client = self.registry.client
+        if any(client.get_run(r).data.tags.get(RETRAIN_TAG) == "requested" for r in runs):
+            return "requested", "this interval's request, made by an earlier try of this task"
+        earlier = client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{RETRAIN_TAG}` = 'requested' and tags.`lifecycle.model_line` = "
+            f"'{self.config.model_line}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=200,
+        )
+        stamps = [datetime.fromisoformat(r.data.tags[RETRAIN_AT_TAG]) for r in earlier if RETRAIN_AT_TAG in r.data.tags]
+        last = max(stamps, default=None)
+        until = cooldown_until(last, self.monitoring.cooldown_hours)
+        if last is not None and until is not None and datetime.now(UTC) < until:
+            return "cooldown", (
+                f"cool-down: the last retrain request was at {last:%Y-%m-%d %H:%M} UTC, the next may be made from "
+                f"{until:%Y-%m-%d %H:%M} UTC (monitoring.cooldown_hours {self.monitoring.cooldown_hours:g})"
+            )
+        return "requested", "a breach" + (f"; the last request was at {last:%Y-%m-%d %H:%M} UTC" if last else "")
+
+
+def _drift_metrics(result: Any) -> dict[str, float]:
+    out: dict[str, float] = {"drifted_columns": float(sum(1 for c in result.columns.values() if c.drifted))}
+    columns = [*result.columns.values(), *([result.prediction] if result.prediction is not None else [])]
+    for column in columns:
+        prefix = "prediction" if column is result.prediction else f"drift.{column.name}"
+        for name, value in (
+            ("psi", column.psi),
+            ("statistic", column.statistic),
+            ("p_value", column.p_value),
+            ("null_rate", column.null_rate),
+            ("out_of_range_rate", column.out_of_range_rate),
+            ("unseen_rate", column.unseen_rate),
+            ("schema_violations", column.schema_violations),
+        ):
+            if value is not None:
+                out[f"{prefix}.{name}"] = float(value)
+    return out
+
+
+def _metric_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:250]
+
+
+def _bounded_json(value: Any, limit: int = 7000) -> str:
+    """JSON for an MLflow tag (values are capped at 8000 characters): breaches cut first if too long."""
+    text = json.dumps(value, default=str)
+    if len(text) > limit and value.get("breaches"):
+        value = {**value, "breaches": value["breaches"][:20] + [f"... {len(value['breaches']) - 20} more"]}
+        text = json.dumps(value, default=str)
+    return text[:limit]
