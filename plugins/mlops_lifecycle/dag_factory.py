@@ -31,7 +31,15 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, BaseOperator, CronDataIntervalTimetable, TriggerRule
+from airflow.sdk import (
+    DAG,
+    Asset,
+    AssetOrTimeSchedule,
+    BaseOperator,
+    CronDataIntervalTimetable,
+    Param,
+    TriggerRule,
+)
 
 from mlops_lifecycle import paths
 from mlops_lifecycle.config import ModelLineConfig, load_model_lines, model_line_files
@@ -196,6 +204,12 @@ def build_monitor_dag(config: ModelLineConfig, register: bool = True) -> DAG:
         default_args=_default_args(config),
         tags=sorted({"mlops", "monitor", f"line:{config.model_line}", f"team:{config.owner.team}", *config.tags}),
         doc_md=_monitor_doc(config),
+        # a manual run may check any past stretch instead of an interval (e.g. since a deploy)
+        params={
+            "since": Param(None, type=["null", "string"], description="Check from (ISO time with zone); empty: "
+                           "the last complete interval"),
+            "until": Param(None, type=["null", "string"], description="Check until (default: now)"),
+        },
         auto_register=register,
     ) as dag:
         common: dict[str, Any] = {"config": config}

@@ -62,6 +62,10 @@ class BacktestRequestInvalid(LifecycleDecision):
     """A backfill's run conf asks for a backtest the line does not declare (an unknown variant or key)."""
 
 
+class MonitorRequestInvalid(LifecycleDecision):
+    """A manual monitor run asked to check an interval that cannot be checked (run conf since/until)."""
+
+
 class MergeConflict(LifecycleDecision):
     """A review branch conflicts with main: the merge is aborted and the repository left as it was."""
 

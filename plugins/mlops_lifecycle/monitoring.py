@@ -48,6 +48,40 @@ def monitor_interval(
     return last_complete_interval(monitoring.cron, monitoring.timezone, run_after or datetime.now(UTC))
 
 
+MAX_CHECKED_DAYS = 31
+
+
+class IntervalRequestInvalid(ValueError):
+    """A manual monitor run's ``since``/``until`` that cannot be checked."""
+
+
+def requested_check(conf: Mapping[str, Any] | None, now: datetime) -> tuple[datetime, datetime] | None:
+    """The interval a manual run asks to check (run conf ``{"since": ISO, "until": ISO}``, ``until`` default
+    now), or None when it asks for none. Only a past interval can be checked: what it served is final."""
+    if not conf or (conf.get("since") is None and conf.get("until") is None):
+        return None
+    unknown = sorted(set(conf) - {"since", "until"})
+    if unknown:
+        raise IntervalRequestInvalid(f"unknown run conf keys {unknown}: a monitor run takes since and until")
+    if conf.get("since") is None:
+        raise IntervalRequestInvalid("run conf: 'since' is required with 'until' (ISO 8601 times)")
+    try:
+        since = datetime.fromisoformat(str(conf["since"]))
+        until = datetime.fromisoformat(str(conf["until"])) if conf.get("until") else now
+    except ValueError as exc:
+        raise IntervalRequestInvalid(f"run conf: {exc} (since/until are ISO 8601 times with a zone)") from None
+    if since.tzinfo is None or until.tzinfo is None:
+        raise IntervalRequestInvalid("run conf: since/until need a time zone (e.g. 2026-12-01T10:00:00+00:00)")
+    if not since < until <= now:
+        raise IntervalRequestInvalid(
+            f"run conf: since {since.isoformat()} must be before until {until.isoformat()}, and until not after now "
+            f"({now.isoformat(timespec='seconds')}): only what has been served can be checked"
+        )
+    if until - since > timedelta(days=MAX_CHECKED_DAYS):
+        raise IntervalRequestInvalid(f"run conf: at most {MAX_CHECKED_DAYS} days can be checked in one run")
+    return since.astimezone(UTC), until.astimezone(UTC)
+
+
 def labelled_interval(truth: GroundTruth, start: datetime, end: datetime) -> tuple[datetime, datetime]:
     """The served interval whose actuals are complete by ``end``: [start, end) moved back by offset + delay."""
     lag = timedelta(days=truth.prediction_offset_days + truth.label_delay_days)

@@ -24,7 +24,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from mlops_lifecycle import paths
 from mlops_lifecycle.config import Monitoring, declared_features
-from mlops_lifecycle.exceptions import LifecycleError
+from mlops_lifecycle.exceptions import LifecycleError, MonitorRequestInvalid
 from mlops_lifecycle.links import DriftReportLink, MlflowRunLink
 from mlops_lifecycle.monitoring import (
     MONITOR_KEY_TAG,
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 FINDINGS_TAG = "monitor.findings"
+REQUESTED_BY_TAG = "monitor.retrain_requested_by"  # the monitor run (dag_id/run_id) that made the request
 VERDICT_TAG = "monitor.verdict"
 REPORT_HTML, REPORT_PNG = "drift_report.html", "drift_report.png"
 PREDICTION = "prediction"
@@ -74,6 +75,15 @@ class MonitorOperator(LifecycleOperator):
             return str(found.experiment_id)
 
     def interval(self, context: Context) -> tuple[datetime, datetime]:
+        """The run's data interval, or what a manual run's conf asks to check (``since``, ``until``)."""
+        from mlops_lifecycle.monitoring import IntervalRequestInvalid, requested_check
+
+        try:
+            asked = requested_check(getattr(context.get("dag_run"), "conf", None), datetime.now(UTC))
+        except IntervalRequestInvalid as exc:
+            raise MonitorRequestInvalid(f"{self.config.monitor_dag_id}: {exc}") from None
+        if asked is not None:
+            return asked
         return monitor_interval(
             self.monitoring,
             context.get("data_interval_start"),
@@ -463,9 +473,12 @@ class RetrainRequestOperator(_OnBreach):
         runs = [f["run_id"] for f in breached.values()]
         decision, because = self.decision(context, runs)
         now = datetime.now(UTC).isoformat(timespec="seconds")
+        requested = {RETRAIN_AT_TAG: now, REQUESTED_BY_TAG: f"{context['ti'].dag_id}/{context['ti'].run_id}"}
         for run_id in runs:
             tags = {RETRAIN_TAG: decision, "monitor.retrain_because": because}
-            self.registry.set_run_tags(run_id, tags | ({RETRAIN_AT_TAG: now} if decision == "requested" else {}))
+            if decision == "already requested":
+                continue  # the runs keep the record of the request that was made
+            self.registry.set_run_tags(run_id, tags | (requested if decision == "requested" else {}))
         if decision != "requested":
             raise AirflowSkipException(f"Retrain not requested for the breach in {interval}: {because}")
         ti = context["ti"]
@@ -487,8 +500,12 @@ class RetrainRequestOperator(_OnBreach):
         if run_type(context) == BACKFILL:
             return "not requested", "a backfill of the monitor looks at the past; it requests no retrain"
         client = self.registry.client
-        if any(client.get_run(r).data.tags.get(RETRAIN_TAG) == "requested" for r in runs):
+        this_run = f"{context['ti'].dag_id}/{context['ti'].run_id}"
+        made = {client.get_run(r).data.tags.get(REQUESTED_BY_TAG) for r in runs} - {None}
+        if this_run in made:  # this task's earlier try tagged the runs, and did not finish: the event is due
             return "requested", "this interval's request, made by an earlier try of this task"
+        if made:
+            return "already requested", f"this interval's breach was already requested by {', '.join(sorted(made))}"
         earlier = client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{RETRAIN_TAG}` = 'requested' and tags.`lifecycle.model_line` = "
