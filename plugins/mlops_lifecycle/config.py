@@ -681,6 +681,9 @@ def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], Any]
         field = current.model_fields.get(str(part))
         current = field.annotation if field is not None else None
         members = typing.get_args(current) if typing.get_origin(current) in (typing.Union, UnionType) else ()
+        if len(members) == 2 and type(None) in members:  # an optional section: the section itself
+            current = next(m for m in members if m is not type(None))
+            members = ()
         if members and field is not None and field.discriminator and parts:
             tag = parts.pop(0)
             current = next(

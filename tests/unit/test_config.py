@@ -180,6 +180,42 @@ CASES = {
     ),
     "port_of_airflow": (lambda d: d["deploy"].update(port=8080), "deploy.port: 8080 is Airflow's port on this stack"),
     "port_of_mlflow": (lambda d: d["deploy"].update(port=5000), "deploy.port: 5000 is MLflow's port on this stack"),
+    "monitor_cron": (
+        lambda d: d["monitoring"].update(cron="@hourly"),
+        "monitoring.cron: '@hourly' is not a five-field cron expression",
+    ),
+    "monitor_timezone": (
+        lambda d: d["monitoring"].update(timezone="Mars/Olympus"),
+        "monitoring.timezone: 'Mars/Olympus' is not an IANA time zone",
+    ),
+    "monitor_psi_not_positive": (
+        lambda d: d["monitoring"]["limits"].update(psi=0),
+        "monitoring.limits.psi: Input should be greater than 0",
+    ),
+    "monitor_p_value_range": (
+        lambda d: d["monitoring"]["limits"].update(p_value=1.5),
+        "monitoring.limits.p_value: Input should be less than 1",
+    ),
+    "monitor_unknown_limit": (
+        lambda d: d["monitoring"]["limits"].update(ks=0.1),
+        "monitoring.limits.ks: unknown key (allowed keys here: min_rows, null_rate_increase, out_of_range_rate,",
+    ),
+    "monitor_key_not_a_feature": (
+        lambda d: d["monitoring"]["ground_truth"].update(key=["store_id"]),
+        "monitoring.ground_truth.key: ['store_id'] are not features of training/demand_forecast.py",
+    ),
+    "monitor_truth_sql_missing": (
+        lambda d: d["monitoring"]["ground_truth"].update(sql="sql/actuals.sql"),
+        "monitoring.ground_truth.sql: file",
+    ),
+    "monitor_negative_cooldown": (
+        lambda d: d["monitoring"].update(cooldown_hours=-1),
+        "monitoring.cooldown_hours: Input should be greater than or equal to 0",
+    ),
+    "monitor_bigquery_source_not_built": (
+        lambda d: d["monitoring"].update(served="bigquery"),
+        "monitoring.served: Input should be 'prediction_log'",
+    ),
 }
 
 
@@ -230,6 +266,10 @@ PRODUCTION_CASES = {
     "gitlab_ci_needs_service_url": (
         lambda d: d["deploy"].update(service_url="demand-forecast.models.example.com"),
         "deploy.service_url: String should match pattern",
+    ),
+    "monitoring_reads_the_local_log_only": (
+        lambda d: d.update(monitoring={"cron": "0 5 * * *"}),
+        "monitoring.served: 'prediction_log' reads the local service's log, but deploy.backend is 'gitlab_ci'",
     ),
     "gitlab_review_with_local_deploy": (
         lambda d: d.update(deploy={"backend": "local_process", "port": 8601}),
