@@ -488,7 +488,7 @@ def _column_drift(ref: ColumnReference, current: pd.DataFrame, verdict: _Verdict
 def check_drift(
     reference: Mapping[str, ColumnReference],
     current: pd.DataFrame,
-    thresholds: DriftThresholds = DriftThresholds(),  # noqa: B008 (frozen, so one shared default is safe)
+    thresholds: DriftThresholds = DriftThresholds(),
     prediction_column: str | None = "prediction",
 ) -> DriftResult:
     """Every reference column of ``current`` against the reference; the prediction column as prediction drift.
