@@ -192,8 +192,9 @@ class LifecycleResult:
     task_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_lifecycle(dag_id: str, logical_date: datetime | None) -> LifecycleResult:
-    """Run one lifecycle DAG run in this process with ``dag.test`` (real metadata DB, triggers inline)."""
+def run_lifecycle(dag_id: str, logical_date: datetime | None, conf: dict[str, Any] | None = None) -> LifecycleResult:
+    """Run one DAG run (a lifecycle or a monitor) in this process with ``dag.test`` (real metadata DB,
+    triggers inline)."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(paths.REPO_ROOT / "dags"))
@@ -201,7 +202,7 @@ def run_lifecycle(dag_id: str, logical_date: datetime | None) -> LifecycleResult
     if dag is None:
         raise LookupError(f"DAG {dag_id} not found; import errors: {bag.import_errors}")
     started = time.monotonic()
-    dr = dag.test(logical_date=logical_date)
+    dr = dag.test(logical_date=logical_date, run_conf=conf)
     seconds = time.monotonic() - started
     far = datetime.max.replace(tzinfo=UTC)
     tis = sorted(dr.get_task_instances(), key=lambda ti: (ti.start_date or far, ti.task_id))  # run order

@@ -472,6 +472,11 @@ class Monitoring(_Strict):
         description="Where served predictions are read: the local service's prediction log files.",
     )
     limits: DriftLimits = Field(default_factory=DriftLimits)
+    exclude: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list,
+        description="Features not checked for drift: calendar features, whose interval is always a slice of the "
+        "reference's year (day_of_year in a daily interval drifts by construction).",
+    )
     ground_truth: GroundTruth | None = None
     retrain_on_breach: bool = Field(default=True, description="A breach requests a lifecycle run (asset event).")
     cooldown_hours: float = Field(
@@ -593,6 +598,13 @@ class ModelLineConfig(_Strict):
                 f"'{self.deploy.backend}': reading shipped logs from BigQuery is not built yet (README: Drift "
                 "monitoring); leave monitoring out of this line for now"
             )
+        features = declared_features(self.entrypoint_path)
+        unknown = [f for f in monitoring.exclude if features is not None and f not in features]
+        if unknown:
+            problems.append(
+                f"monitoring.exclude: {unknown} are not features of {self.train.entrypoint} "
+                f"({', '.join(features or ())})"
+            )
         truth = monitoring.ground_truth
         if truth is None:
             return problems
@@ -606,7 +618,6 @@ class ModelLineConfig(_Strict):
                     f"monitoring.ground_truth.sql: uses {{{{ tables.X }}}} for {missing} but extract.tables only "
                     f"defines {sorted(self.extract.tables)} (the actuals are read from the same warehouse)"
                 )
-        features = declared_features(self.entrypoint_path)
         unknown = [k for k in truth.key if features is not None and k not in features]
         if unknown:
             problems.append(

@@ -311,7 +311,7 @@ class DriftCheckOperator(MonitorOperator):
         else:
             sample, kinds, training_run = reference
             if len(served):
-                columns = [c for c in kinds if c in sample.columns]
+                columns = [c for c in kinds if c in sample.columns and c not in self.monitoring.exclude]
                 result = check_drift(
                     reference_from_frame(sample[columns], {c: kinds[c] for c in columns}),
                     served,
