@@ -126,3 +126,66 @@ def test_scheduled_run_waits_for_approval_and_service_without_holding_worker_slo
     assert links["MLflow model version"] == reg.model_version_url(LINE, aliases["production"])
     links = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/verify_serving/links").json()
     assert links["extra_links"]["Service /version"].endswith("/version")
+
+
+def test_a_drift_breach_requests_a_retrain_that_the_scheduler_starts(api):
+    """The monitor, triggered through the REST API, sees shifted traffic on the served version and emits the
+    line's retrain request; the scheduler then starts a lifecycle run of its own window (asset-triggered)."""
+    import json
+    import urllib.request
+    from datetime import UTC, datetime, timedelta
+
+    import pandas as pd
+
+    monitor = f"{LINE}__monitor"
+    port = yaml.safe_load((MODEL_LINES / f"{LINE}.yaml").read_text())["deploy"]["port"]
+    snapshots = paths.local_home() / "warehouse" / "snapshots"
+    [snapshot] = [p for p in snapshots.glob(f"{LINE}__2*.parquet")]  # the scheduled run's training data
+    frame = pd.read_parquet(snapshot).dropna()
+    features = [c for c in frame.columns if c not in ("market_id", "date", "high_demand")]
+    rows = json.loads(frame[features].sample(400, random_state=7).to_json(orient="records"))
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    for first in range(0, len(rows), 100):
+        batch = [r | {"price_ratio_28": r["price_ratio_28"] * 1.5} for r in rows[first : first + 100]]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/predict",
+            data=json.dumps({"rows": batch}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+    time.sleep(1.5)  # the prediction log is written every 0.5 s
+    until = datetime.now(UTC)
+
+    api.patch(f"/api/v2/dags/{monitor}", json={"is_paused": False}).raise_for_status()
+    response = api.post(
+        f"/api/v2/dags/{monitor}/dagRuns",
+        json={"logical_date": None, "conf": {"since": since.isoformat(), "until": until.isoformat()}},
+    )
+    response.raise_for_status()
+    run_id = response.json()["dag_run_id"]
+
+    def finished(dag_id: str, run: str) -> str | None:
+        state = api.get(f"/api/v2/dags/{dag_id}/dagRuns/{run}").json()["state"]
+        return state if state in ("success", "failed") else None
+
+    assert wait_for("the monitor run", lambda: finished(monitor, run_id), timeout=300) == "success"
+    states = {
+        t["task_id"]: t["state"]
+        for t in api.get(f"/api/v2/dags/{monitor}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    }
+    assert states["request_retrain"] == "success", states
+    links = api.get(f"/api/v2/dags/{monitor}/dagRuns/{run_id}/taskInstances/check_drift/links").json()
+    assert "/artifacts/drift_report.html" in links["extra_links"]["Drift report"]
+
+    def requested_run() -> dict | None:
+        runs = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns").json()["dag_runs"]
+        return next((r for r in runs if r["run_type"] == "asset_triggered"), None)
+
+    run = wait_for("the scheduler to start the requested retrain", requested_run, timeout=120)
+    assert run["triggered_by"] == "asset"
+    # its window runs up to the request, so it trains on the drifted data instead of repeating the last run
+    wait_for("route to finish", lambda: task_states(api, run["dag_run_id"]).get("route") in ("success", "failed"))
+    assert task_states(api, run["dag_run_id"])["route"] == "success"
+    log = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/route/logs/1").text
+    assert "Retrain requested by the drift monitor" in log and "price_ratio_28" in log

@@ -24,7 +24,8 @@ NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 
 def truth(**changes) -> GroundTruth:  # noqa: ANN003
-    return GroundTruth.model_validate({"key": ["market_id"], "prediction_offset_days": 7, "label_delay_days": 1} | changes)
+    base = {"key": ["market_id"], "prediction_offset_days": 7, "label_delay_days": 1}
+    return GroundTruth.model_validate(base | changes)
 
 
 def test_the_labelled_interval_is_the_one_whose_actuals_are_all_in_by_the_end():
@@ -55,7 +56,8 @@ def test_label_join_uses_the_serving_day_plus_the_horizon_and_the_key():
     joined = join_actuals(served, actuals, truth())
     # m01 served on the 20th predicts the 27th (not the 20th's 999); the row after midnight predicts the 28th;
     # m99 has no actual and is dropped
-    assert sorted(zip(joined["prediction"], joined["actual"], strict=True)) == [(10.0, 11.0), (20.0, 19.0), (30.0, 33.0)]
+    pairs = sorted(zip(joined["prediction"], joined["actual"], strict=True))
+    assert pairs == [(10.0, 11.0), (20.0, 19.0), (30.0, 33.0)]
 
 
 def test_label_join_matches_keys_whatever_their_type_in_the_warehouse():
