@@ -1,10 +1,10 @@
-"""Shared plumbing of the training entrypoints: CLI, MLflow run, reference profile, production
+"""Shared plumbing of the training entrypoints: CLI, MLflow run, reference profile and sample, production
 baseline and registration.
 
 An entrypoint states only what is specific to its model line (features, estimator, metrics) as a
 :class:`ModelLine` and calls :func:`main`. Everything the lifecycle reads downstream (run tags,
-metric names, the reference profile, the registered version and its tags, the final JSON line) is
-produced here, the same way for every line.
+metric names, the reference profile and sample, the registered version and its tags, the final JSON
+line) is produced here, the same way for every line.
 
 It runs as a plain process, locally or on a Databricks cluster, so it imports nothing from Airflow.
 The MLflow tracking URI and token come from ``MLFLOW_TRACKING_URI`` / ``MLFLOW_TRACKING_TOKEN``.
@@ -47,6 +47,10 @@ DATE_COLUMN = "date"
 PREDICTION_COLUMN = "prediction"
 MODEL_ARTIFACT = "model"
 PROFILE_ARTIFACT = "reference_profile.json"
+PROFILE_SCHEMA_VERSION = 2  # 2: the profile names its raw sample ("sample") and each column's kind ("kinds")
+REFERENCE_SAMPLE_ARTIFACT = "reference_sample.parquet"  # raw training rows beside the profile, for drift tests
+REFERENCE_SAMPLE_ROWS = 50_000
+REFERENCE_SAMPLE_SEED = 0
 GOLDEN_SET_ARTIFACT = "golden_set.json"  # read by the deployment repository's package and smoke steps
 GOLDEN_SET_ROWS = 20
 PROFILE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -333,13 +337,20 @@ def column_profile(values: pd.Series, categorical: bool) -> dict[str, Any]:
     }
 
 
-def reference_profile(line: ModelLine, features: pd.DataFrame, target: pd.Series, scores: np.ndarray) -> dict[str, Any]:
-    """Profile of the training split (features, target, prediction): the drift reference."""
+def reference_profile(
+    line: ModelLine, features: pd.DataFrame, target: pd.Series, scores: np.ndarray, sample_rows: int
+) -> dict[str, Any]:
+    """Profile of the training split (features, target, prediction): the drift reference.
+
+    ``sample`` names the raw sample logged beside it (``sample_rows`` of the split's rows) and ``kinds``
+    says how the monitor compares each feature and the prediction: as numbers or as categories.
+    """
     columns = {name: column_profile(features[name], name in line.categorical) for name in line.features}
     columns[str(target.name)] = column_profile(target, categorical=False)
     columns[PREDICTION_COLUMN] = column_profile(pd.Series(scores, name=PREDICTION_COLUMN), categorical=False)
+    kinds = {name: "categorical" if name in line.categorical else "numeric" for name in line.features}
     return {
-        "schema_version": 1,
+        "schema_version": PROFILE_SCHEMA_VERSION,
         "split": "train",
         "rows": int(len(features)),
         "features": line.features,
@@ -348,7 +359,27 @@ def reference_profile(line: ModelLine, features: pd.DataFrame, target: pd.Series
         "prediction": PREDICTION_COLUMN,
         "quantiles": list(PROFILE_QUANTILES),
         "columns": columns,
+        "kinds": kinds | {PREDICTION_COLUMN: "numeric"},
+        "sample": {"artifact": REFERENCE_SAMPLE_ARTIFACT, "rows": int(sample_rows), "of_rows": int(len(features))},
     }
+
+
+def reference_sample(line: ModelLine, features: pd.DataFrame, target: pd.Series, scores: np.ndarray) -> pd.DataFrame:
+    """At most ``REFERENCE_SAMPLE_ROWS`` rows of the training split, in their order: the line's features and
+    the target with their training dtypes, and the model's score of each row (``prediction``).
+
+    Drift tests need raw values (a 10-bin profile cannot be tested against); the rows are drawn with a fixed
+    seed, so retraining on the same data logs the same sample. ``scores`` are those of every training row.
+    """
+    rows = len(features)
+    if rows > REFERENCE_SAMPLE_ROWS:
+        rng = np.random.default_rng(REFERENCE_SAMPLE_SEED)
+        picked = np.sort(rng.choice(rows, size=REFERENCE_SAMPLE_ROWS, replace=False))
+    else:
+        picked = np.arange(rows)
+    sample = pd.concat([features[line.features], target], axis=1).iloc[picked].reset_index(drop=True)
+    sample[PREDICTION_COLUMN] = np.asarray(scores, dtype=float)[picked]
+    return sample
 
 
 # --- MLflow -----------------------------------------------------------------------------------
@@ -449,6 +480,18 @@ def golden_set(line: ModelLine, model: Any, holdout: pd.DataFrame) -> dict[str, 
     rows = holdout.sample(n=min(GOLDEN_SET_ROWS, len(holdout)), random_state=0)
     records = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows.to_dict("records")]
     return {"rows": records, "predictions": [float(p) for p in line.scores(line.model_output(model, rows))]}
+
+
+def log_reference_sample(sample: pd.DataFrame) -> None:
+    """Log ``sample`` as the run's ``reference_sample.parquet`` (written to a temporary folder first)."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="mlops-sample-") as folder:
+        path = Path(folder) / REFERENCE_SAMPLE_ARTIFACT
+        sample.to_parquet(path, index=False)
+        mlflow.log_artifact(str(path))
 
 
 def production_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -624,9 +667,11 @@ def train_and_register(line: ModelLine, args: argparse.Namespace, client: Mlflow
     with phase("log model"):
         model_info = log_model(line, model, x_holdout)
         mlflow.log_dict(golden_set(line, model, x_holdout), GOLDEN_SET_ARTIFACT)
-    with phase("reference profile"):
+    with phase("reference profile and sample"):
         train_scores = line.scores(line.model_output(model, x_train))
-        mlflow.log_dict(reference_profile(line, x_train, y_train, train_scores), PROFILE_ARTIFACT)
+        sample = reference_sample(line, x_train, y_train, train_scores)
+        mlflow.log_dict(reference_profile(line, x_train, y_train, train_scores, len(sample)), PROFILE_ARTIFACT)
+        log_reference_sample(sample)
     with phase("production baseline"):
         production, production_metrics = compare_with_production(line, client, args, x_holdout, y_holdout)
     with phase("register"):

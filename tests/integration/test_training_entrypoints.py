@@ -50,6 +50,11 @@ DEMAND_FEATURES = [
     "lag_7", "lag_14", "lag_21", "lag_28", "same_weekday_mean_4", "rolling_mean_28", "rolling_std_28",
 ]  # fmt: skip
 
+ALERT_FEATURES = [
+    "day_of_week", "is_holiday", "promo", "promo_days_7", "price_ratio_28", "lag_1_ratio", "lag_7_ratio",
+    "weekday_index",
+]  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Workspace:
@@ -170,6 +175,13 @@ def result_of(process: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return json.loads(lines[0])
 
 
+def reference_sample(client: Any, workspace: Workspace, run_id: str) -> pd.DataFrame:
+    """The run's ``reference_sample.parquet``."""
+    folder = workspace.root / "artifacts" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return pd.read_parquet(client.download_artifacts(run_id, "reference_sample.parquet", str(folder)))
+
+
 @contextlib.contextmanager
 def tracking(workspace: Workspace) -> Iterator[Any]:
     """A client of the workspace's MLflow; ``models:/`` URIs resolve against it meanwhile."""
@@ -269,6 +281,16 @@ def test_demand_forecast_registers_compares_with_production_and_reuses_on_retry(
         assert lag["min"] <= lag["quantiles"]["0.5"] <= lag["max"]
         markets = profile["columns"]["market_id"]["frequencies"]
         assert len(markets) == 12 and sum(markets.values()) == pytest.approx(1.0)
+        # the monitor's view: how to compare each column, and the raw sample beside the profile
+        assert profile["schema_version"] == 2
+        numeric = dict.fromkeys([*DEMAND_FEATURES[1:], "prediction"], "numeric")
+        assert profile["kinds"] == {"market_id": "categorical"} | numeric
+        train_rows = int(run.data.params["train_rows"])
+        assert profile["sample"] == {"artifact": "reference_sample.parquet", "rows": train_rows, "of_rows": train_rows}
+        first_sample = reference_sample(client, workspace, first["run_id"])
+        # fewer training rows than the bound: the sample is the whole training split
+        assert list(first_sample.columns) == [*DEMAND_FEATURES, "units_sold", "prediction"]
+        assert len(first_sample) == train_rows and first_sample["units_sold"].notna().all()
 
         # v1 goes to production; the next candidate is measured against it on the same holdout
         client.set_registered_model_alias("demand_forecast", "production", "1")
@@ -289,6 +311,14 @@ def test_demand_forecast_registers_compares_with_production_and_reuses_on_retry(
         row = pd.read_parquet(workspace.snapshot("demand_forecast")).tail(1)
         forecast = model.predict(row[DEMAND_FEATURES])
         assert forecast.shape == (1,) and 0 < forecast[0] < 10 * row["rolling_mean_28"].iloc[0]
+
+        # a retrain on the same data samples the same rows; each prediction is the model's, on that row
+        # (scored through pyfunc's schema enforcement: the sample keeps the training dtypes)
+        second_sample = reference_sample(client, workspace, second["run_id"])
+        inputs = [*DEMAND_FEATURES, "units_sold"]
+        pd.testing.assert_frame_equal(second_sample[inputs], first_sample[inputs])
+        assert second_sample["prediction"].to_numpy() == pytest.approx(model.predict(second_sample[DEMAND_FEATURES]))
+        assert not np.allclose(second_sample["prediction"], first_sample["prediction"]), "v2 is another model"
 
     # an Airflow retry of the first step finds its run instead of registering a duplicate
     retry = result_of(train(workspace, "demand_forecast", "demand_forecast/w1/train"))
@@ -316,6 +346,13 @@ def test_high_demand_alert_serves_probabilities(independent_runs: dict[str, Any]
     assert np.allclose(probabilities.sum(axis=1), 1) and ((probabilities >= 0) & (probabilities <= 1)).all()
     alerted = probabilities[:, 1] >= 0.5
     assert snapshot["high_demand"].to_numpy()[alerted].mean() > snapshot["high_demand"].mean()
+
+    # the reference sample's prediction is what the service serves: the probability of high demand
+    with tracking(workspace) as client:
+        sample = reference_sample(client, workspace, result["run_id"])
+        served = mlflow.pyfunc.load_model("models:/high_demand_alert/1").predict(sample[ALERT_FEATURES])
+    assert list(sample.columns) == [*ALERT_FEATURES, "high_demand", "prediction"]
+    assert sample["prediction"].to_numpy() == pytest.approx(served[:, 1])
 
 
 def test_an_empty_holdout_fails_the_run_with_a_clear_message(independent_runs: dict[str, Any]) -> None:
@@ -357,3 +394,32 @@ def test_profile_of_a_numeric_column_with_nulls(training: ModuleType) -> None:
     assert (profile["min"], profile["max"], profile["mean"]) == (1.0, 100.0, 26.75)
     assert profile["histogram"]["counts"][0] == 3 and profile["histogram"]["counts"][-1] == 1
     assert math.isfinite(profile["std"])
+
+
+def test_reference_sample_is_bounded_seeded_and_keeps_each_row_whole(training: ModuleType) -> None:
+    line = training.ModelLine(
+        task="regression",
+        categorical=("market_id",),
+        numeric=("price",),
+        estimator=object,
+        default_params={},
+        build=lambda params: None,
+        metrics=lambda truth, scores: {},
+    )
+    rows = training.REFERENCE_SAMPLE_ROWS + 20_000
+    price = np.arange(rows, dtype=float)
+    features = pd.DataFrame({"price": price, "market_id": [f"M{i % 12:02d}" for i in range(rows)]})
+    target = pd.Series(np.arange(rows, dtype="int64") * 2, name="units_sold")
+
+    sample = training.reference_sample(line, features, target, price * 3)
+    assert len(sample) == training.REFERENCE_SAMPLE_ROWS
+    assert list(sample.columns) == ["market_id", "price", "units_sold", "prediction"]  # the line's order
+    assert (sample.dtypes["price"], sample.dtypes["units_sold"]) == (np.float64, np.int64)
+    # distinct training rows, in training order, drawn from the whole split, not its head
+    assert sample["price"].is_unique and sample["price"].is_monotonic_increasing
+    assert sample["price"].max() > training.REFERENCE_SAMPLE_ROWS
+    # each row's target, category and prediction are its own
+    assert (sample["units_sold"] == sample["price"] * 2).all() and (sample["prediction"] == sample["price"] * 3).all()
+    assert (sample["market_id"] == [f"M{int(p) % 12:02d}" for p in sample["price"]]).all()
+    # the same data draws the same sample
+    pd.testing.assert_frame_equal(training.reference_sample(line, features, target, price * 3), sample)
