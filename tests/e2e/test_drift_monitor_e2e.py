@@ -114,6 +114,7 @@ def test_a_stretch_spanning_a_deploy_is_split_by_version_and_only_the_shifted_fe
     # a log file with a broken line and a torn last line: counted and skipped, never fatal
     day = datetime.now(UTC).strftime("%Y-%m-%d")
     broken = paths.local_home() / "predictions" / LINE / "v2" / day / "broken-1.jsonl"
+    broken.parent.mkdir(parents=True, exist_ok=True)
     broken.write_text('not json at all\n{"ts": "' + datetime.now(UTC).isoformat() + '", "request_id": "x"')
     until = datetime.now(UTC) + timedelta(seconds=1)
 
