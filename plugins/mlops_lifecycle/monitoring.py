@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from mlops_lifecycle.config import GroundTruth, MetricRule, Monitoring
 
-KEY_TIME = "%Y%m%dT%H%M"
+KEY_TIME = "%Y%m%dT%H%M%S"  # seconds: a manual check may cover any stretch
 MONITOR_KEY_TAG = "monitor.key"
 RETRAIN_TAG = "monitor.retrain"  # requested | cooldown | not requested (backfill) | off
 RETRAIN_AT_TAG = "monitor.retrain_requested_at"
@@ -79,7 +79,8 @@ def requested_check(conf: Mapping[str, Any] | None, now: datetime) -> tuple[date
         )
     if until - since > timedelta(days=MAX_CHECKED_DAYS):
         raise IntervalRequestInvalid(f"run conf: at most {MAX_CHECKED_DAYS} days can be checked in one run")
-    return since.astimezone(UTC), until.astimezone(UTC)
+    # whole seconds: an interval's snapshot and monitoring runs are named by its ends to the second
+    return since.astimezone(UTC).replace(microsecond=0), until.astimezone(UTC).replace(microsecond=0)
 
 
 def labelled_interval(truth: GroundTruth, start: datetime, end: datetime) -> tuple[datetime, datetime]:

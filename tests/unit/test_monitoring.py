@@ -88,7 +88,7 @@ def test_cooldown():
 
 def test_monitor_key_is_one_per_version_and_interval():
     a = monitor_key("line", "3", NOW, NOW + timedelta(hours=6))
-    assert a == "line/v3/20261201T1200-20261201T1800"
+    assert a == "line/v3/20261201T120000-20261201T180000"
     assert a != monitor_key("line", "4", NOW, NOW + timedelta(hours=6))
 
 
