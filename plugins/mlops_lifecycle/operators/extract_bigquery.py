@@ -23,27 +23,21 @@ trigger are imported only when the task runs, so parsing the DAG folder does not
 
 from __future__ import annotations
 
-import re
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from mlops_lifecycle.adapters.bigquery_snapshots import BigQuerySnapshots, expiry_ms, job_id_for, label
 from mlops_lifecycle.config import ExtractBigQuery
 from mlops_lifecycle.exceptions import SnapshotError
 from mlops_lifecycle.operators.extract import ExtractOperator
 
 if TYPE_CHECKING:
-    from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
     from airflow.sdk import Context
 
     from mlops_lifecycle.contract import Snapshot
     from mlops_lifecycle.window import DataWindow
 
-MAX_ATTEMPTS = 20
-
-
-def label(value: str) -> str:
-    """A BigQuery label value: lowercase letters, digits, ``_`` and ``-``, at most 63 characters."""
-    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
+__all__ = ["BigQueryExtractOperator", "job_id_for", "label", "snapshot_table"]
 
 
 def snapshot_table(cfg: ExtractBigQuery, window: DataWindow) -> str:
@@ -61,14 +55,13 @@ class BigQueryExtractOperator(ExtractOperator):
         return self.section(self.config.extract, ExtractBigQuery)
 
     @cached_property
-    def bigquery(self) -> BigQueryHook:
-        from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
-
-        return BigQueryHook(gcp_conn_id=self.extract_cfg.gcp_conn_id, location=self.extract_cfg.location)
+    def snapshots(self) -> BigQuerySnapshots:
+        cfg = self.extract_cfg
+        return BigQuerySnapshots(cfg.gcp_conn_id, cfg.project, cfg.location, self.log)
 
     def client(self) -> Any:
         """The google-cloud-bigquery client of the line's project and location."""
-        return self.bigquery.get_client(project_id=self.extract_cfg.project, location=self.extract_cfg.location)
+        return self.snapshots.client()
 
     def execute(self, context: Context) -> Snapshot:
         from mlops_lifecycle.sql import render_sql
@@ -76,33 +69,25 @@ class BigQueryExtractOperator(ExtractOperator):
         cfg, window = self.extract_cfg, self.window(context)
         self.log_window(window)
         table = snapshot_table(cfg, window) + self.snapshot_suffix(window)
-        project, dataset, table_id = table.split(".")
         sql = render_sql(self.config.sql_path.read_text(), dict(cfg.tables), window.train_start, self.data_end(window))
         base_id = job_id_for(window.run_key + self.snapshot_suffix(window), context["ti"].run_id)
-        configuration = {
-            "query": {
-                "query": sql,
-                "useLegacySql": False,
-                "destinationTable": {"projectId": project, "datasetId": dataset, "tableId": table_id},
-                "writeDisposition": "WRITE_EMPTY",  # a snapshot is never rewritten
-                "createDisposition": "CREATE_IF_NEEDED",
-                # the description names the job that wrote it (set per attempt in _find_or_submit)
-                # its description names the job that wrote it: set per attempt in _find_or_submit
-                "destinationTableProperties": {"expirationTime": str(snapshot_expiry_ms(self.config))},
+        configuration = self.snapshots.configuration(
+            sql,
+            table,
+            {
+                "model-line": self.config.model_line,
+                "window": f"{window.interval_start:%Y%m%dt%H%M}-{window.interval_end:%Y%m%dt%H%M}",
+                "airflow-dag": context["ti"].dag_id,
+                "airflow-run": context["ti"].run_id,
             },
-            "labels": {
-                "model-line": label(self.config.model_line),
-                "window": label(f"{window.interval_start:%Y%m%dt%H%M}-{window.interval_end:%Y%m%dt%H%M}"),
-                "airflow-dag": label(context["ti"].dag_id),
-                "airflow-run": label(context["ti"].run_id),
-            },
-        }
-        written_by = self._existing_snapshot(table)
+            expiry_ms(self.config.retention.snapshot_days),
+        )
+        written_by = self.snapshots.written_by(table)
         if written_by is not None:
             self.log.info("Snapshot %s already holds this window (%s): reused, never rewritten", table, written_by)
             return self._result(context, written_by, reused=True)
         self.log.info("Run key %s: snapshot %s, query job %s", window.run_key, table, base_id)
-        job, reused = self._find_or_submit(base_id, configuration, table)
+        job, reused = self.snapshots.find_or_submit(base_id, configuration, table)
         self._job_id = job.job_id
         if job.state != "DONE":
             from airflow.providers.google.cloud.triggers.bigquery import BigQueryInsertJobTrigger
@@ -134,7 +119,7 @@ class BigQueryExtractOperator(ExtractOperator):
         if error:
             cfg, window = self.extract_cfg, self.window(context)
             table = snapshot_table(cfg, window) + self.snapshot_suffix(window)
-            written_by = self._existing_snapshot(table)
+            written_by = self.snapshots.written_by(table)
             if written_by is None:
                 raise SnapshotError(f"BigQuery job {cfg.project}:{cfg.location}.{job_id} failed: {error}")
             self.log.info("Job %s found %s already written (%s): reusing it", job_id, table, written_by)
@@ -157,86 +142,8 @@ class BigQueryExtractOperator(ExtractOperator):
             window, f"bq://{table}", rows, reused, table=table, job_id=job_id, **self.backtest_fields(window)
         )
 
-    def _find_or_submit(self, base_id: str, configuration: dict[str, Any], table: str) -> tuple[Any, bool]:
-        """(job, reused): the window's running or succeeded job, or a newly inserted one."""
-        from google.api_core.exceptions import Conflict, NotFound
-
-        cfg = self.extract_cfg
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            job_id = base_id if attempt == 1 else f"{base_id}_attempt{attempt}"
-            try:
-                job = self.bigquery.get_job(job_id=job_id, project_id=cfg.project, location=cfg.location)
-            except NotFound:
-                self.log.info("Submitting query job %s", job_id)
-                configuration["query"]["destinationTableProperties"]["description"] = (
-                    f"mlops-lifecycle snapshot {table}, written by query job {job_id}"
-                )
-                try:
-                    job = self.bigquery.insert_job(
-                        configuration=configuration,
-                        project_id=cfg.project,
-                        location=cfg.location,
-                        job_id=job_id,
-                        nowait=True,
-                    )
-                except Conflict:  # inserted by a request whose answer was lost
-                    job = self.bigquery.get_job(job_id=job_id, project_id=cfg.project, location=cfg.location)
-                return job, False
-            if job.state != "DONE":
-                self.log.info("Job %s is %s: reattaching instead of running the query again", job_id, job.state)
-                return job, False
-            if job.error_result:
-                self.log.warning("Job %s failed earlier (%s): submitting the next attempt", job_id, job.error_result)
-            elif self._table_exists(table):
-                self.log.info("Job %s already succeeded: reusing its snapshot, not running the query again", job_id)
-                return job, True
-            else:
-                self.log.warning("Job %s succeeded but its snapshot was dropped (empty): querying again", job_id)
-        raise SnapshotError(f"{MAX_ATTEMPTS} query jobs for {base_id} failed; see them in BigQuery")
-
-    def _existing_snapshot(self, table: str) -> str | None:
-        """The job that wrote ``table``, if it exists and holds rows (an empty one may be written again)."""
-        from google.api_core.exceptions import NotFound
-
-        client = self.client()
-        try:
-            found = client.get_table(table)
-        except NotFound:
-            return None
-        if not found.num_rows:
-            return None
-        match = re.search(r"written by query job (\S+)", found.description or "")
-        return match.group(1) if match else "unknown"
-
-    def _table_exists(self, table: str) -> bool:
-        from google.api_core.exceptions import NotFound
-
-        client = self.client()
-        try:
-            client.get_table(table)
-        except NotFound:
-            return False
-        return True
-
     def on_kill(self) -> None:
         job_id = getattr(self, "_job_id", None)
         if job_id:
             self.log.warning("Task killed: cancelling BigQuery job %s", job_id)
-            self.bigquery.cancel_job(
-                job_id=job_id, project_id=self.extract_cfg.project, location=self.extract_cfg.location
-            )
-
-
-def snapshot_expiry_ms(config: Any) -> int:
-    """When a snapshot table written now expires unless housekeeping keeps it (ms since the epoch)."""
-    import time
-
-    return int((time.time() + config.retention.snapshot_days * 86400) * 1000)
-
-
-def job_id_for(run_key: str, airflow_run_id: str) -> str:
-    """Deterministic job id: readable run key plus a hash of the Airflow run (ids allow [A-Za-z0-9_-])."""
-    import hashlib
-
-    digest = hashlib.sha256(airflow_run_id.encode()).hexdigest()[:12]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"mlops_{run_key}") + f"_{digest}"
+            self.snapshots.cancel(job_id)

@@ -127,9 +127,11 @@ class HousekeepingOperator(LifecycleOperator):
         """Take the expiration off every named BigQuery snapshot table (BigQuery deletes the rest in time)."""
         from google.api_core.exceptions import NotFound
 
-        from mlops_lifecycle.operators.extract_bigquery import BigQueryExtractOperator
+        from mlops_lifecycle.adapters.bigquery_snapshots import BigQuerySnapshots
+        from mlops_lifecycle.config import ExtractBigQuery
 
-        client = BigQueryExtractOperator(task_id="housekeeping_bigquery", config=self.config).client()
+        cfg = self.section(self.config.extract, ExtractBigQuery)
+        client = BigQuerySnapshots(cfg.gcp_conn_id, cfg.project, cfg.location, self.log).client()
         pinned = []
         for uri in sorted(u for u in self.named_snapshots(kept) if u.startswith("bq://")):
             try:

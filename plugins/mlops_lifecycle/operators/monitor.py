@@ -245,6 +245,8 @@ class DriftCheckOperator(MonitorOperator):
             run_id = self.registry.client.get_model_version(name, version).run_id
         except Exception as exc:  # noqa: BLE001 - a version deleted by hand: reported, not fatal
             return f"v{version} is not in the registry ({type(exc).__name__})"
+        if not run_id:
+            return f"v{version} names no training run"
         with tempfile.TemporaryDirectory() as folder:
             try:
                 profile_file = self.registry.client.download_artifacts(run_id, "reference_profile.json", folder)
@@ -501,7 +503,7 @@ class RetrainRequestOperator(_OnBreach):
             return "not requested", "a backfill of the monitor looks at the past; it requests no retrain"
         client = self.registry.client
         this_run = f"{context['ti'].dag_id}/{context['ti'].run_id}"
-        made = {client.get_run(r).data.tags.get(REQUESTED_BY_TAG) for r in runs} - {None}
+        made = {str(client.get_run(r).data.tags.get(REQUESTED_BY_TAG)) for r in runs} - {"None"}
         if this_run in made:  # this task's earlier try tagged the runs, and did not finish: the event is due
             return "requested", "this interval's request, made by an earlier try of this task"
         if made:
