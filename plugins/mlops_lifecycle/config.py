@@ -467,9 +467,18 @@ class Monitoring(_Strict):
     cron: Cron = Field(description="Schedule of the monitor; each run checks its data interval.")
     timezone: TimeZone = "UTC"
     start_date: Annotated[date | None, Field(strict=False, description="First interval (default: schedule's).")] = None
-    served: Literal["prediction_log"] = Field(
+    served: Literal["prediction_log", "bigquery"] = Field(
         default="prediction_log",
-        description="Where served predictions are read: the local service's prediction log files.",
+        description="prediction_log: the local service's log files; bigquery: the table a log shipper fills "
+        "(include/deployment/README.md), snapshotted like extract's tables.",
+    )
+    served_table: str | None = Field(
+        default=None,
+        pattern=rf"^{BQ_TABLE_PATTERN}$",
+        description="project.dataset.table of the shipped prediction logs (served: bigquery).",
+    )
+    query_timeout_seconds: int = Field(
+        default=900, ge=10, le=6 * 3600, description="How long a BigQuery snapshot query of the monitor may run."
     )
     limits: DriftLimits = Field(default_factory=DriftLimits)
     exclude: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
@@ -595,8 +604,18 @@ class ModelLineConfig(_Strict):
         if monitoring.served == "prediction_log" and self.deploy.backend != "local_process":
             problems.append(
                 f"monitoring.served: 'prediction_log' reads the local service's log, but deploy.backend is "
-                f"'{self.deploy.backend}': reading shipped logs from BigQuery is not built yet (README: Drift "
-                "monitoring); leave monitoring out of this line for now"
+                f"'{self.deploy.backend}': ship the pods' prediction logs to BigQuery (include/deployment/README.md) "
+                "and set served: bigquery with served_table"
+            )
+        if (monitoring.served == "bigquery") != (monitoring.served_table is not None):
+            problems.append(
+                "monitoring.served_table: required with served: bigquery (project.dataset.table of the shipped "
+                "prediction logs), and only then"
+            )
+        if monitoring.served == "bigquery" and self.extract.warehouse != "bigquery":
+            problems.append(
+                "monitoring.served: 'bigquery' snapshots the shipped logs into extract's BigQuery dataset, but "
+                f"extract.warehouse is '{self.extract.warehouse}'"
             )
         features = declared_features(self.entrypoint_path)
         unknown = [f for f in monitoring.exclude if features is not None and f not in features]
@@ -646,16 +665,25 @@ def module_literals(path: Path) -> dict[str, Any]:
     return found
 
 
-def declared_features(entrypoint: Path) -> tuple[str, ...] | None:
-    """``CATEGORICAL + NUMERIC`` of a training entrypoint; None when it cannot be read or declares neither."""
+def declared_feature_kinds(entrypoint: Path) -> dict[str, str] | None:
+    """Feature -> "categorical" | "numeric" from a training entrypoint's ``CATEGORICAL`` and ``NUMERIC``
+    (read, not imported); None when it cannot be read or declares neither."""
     try:
         literals = module_literals(entrypoint)
     except (SyntaxError, ValueError, OSError):
         return None
-    parts = [literals.get(name) for name in ("CATEGORICAL", "NUMERIC")]
-    if not any(isinstance(part, (tuple, list)) for part in parts):
-        return None
-    return tuple(str(f) for part in parts if isinstance(part, (tuple, list)) for f in part)
+    kinds: dict[str, str] = {}
+    for name, kind in (("CATEGORICAL", "categorical"), ("NUMERIC", "numeric")):
+        part = literals.get(name)
+        if isinstance(part, (tuple, list)):
+            kinds.update((str(feature), kind) for feature in part)
+    return kinds or None
+
+
+def declared_features(entrypoint: Path) -> tuple[str, ...] | None:
+    """``CATEGORICAL + NUMERIC`` of a training entrypoint; None when it cannot be read or declares neither."""
+    kinds = declared_feature_kinds(entrypoint)
+    return tuple(kinds) if kinds else None
 
 
 def declared_metrics(entrypoint: Path) -> tuple[str, ...] | str:

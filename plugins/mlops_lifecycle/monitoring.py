@@ -12,6 +12,7 @@ actuals are all in by ``end``; consecutive runs score every served row exactly o
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,30 @@ def requested_check(conf: Mapping[str, Any] | None, now: datetime) -> tuple[date
         raise IntervalRequestInvalid(f"run conf: at most {MAX_CHECKED_DAYS} days can be checked in one run")
     # whole seconds: an interval's snapshot and monitoring runs are named by its ends to the second
     return since.astimezone(UTC).replace(microsecond=0), until.astimezone(UTC).replace(microsecond=0)
+
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def served_sql(table: str, model_line: str, start: datetime, end: datetime, kinds: Mapping[str, str]) -> str:
+    """BigQuery SQL of the served rows of ``model_line`` in [start, end) from the shipped prediction-log
+    table (one row per served row: ts, request_id, model_line, model_version, row_index, features as a
+    JSON object, prediction; include/deployment/README.md), one column per feature: categorical as
+    strings, numeric as FLOAT64 (a value that is not a number reads as NULL)."""
+    bad = [name for name in kinds if not IDENTIFIER.match(name)]
+    if bad:
+        raise ValueError(f"feature names {bad} cannot be read from the shipped JSON as columns")
+    columns = []
+    for name, kind in kinds.items():
+        value = f"JSON_VALUE(features, '$.{name}')"
+        columns.append(f"{value} AS {name}" if kind == "categorical" else f"SAFE_CAST({value} AS FLOAT64) AS {name}")
+    return (
+        "SELECT ts, request_id, model_version, row_index, "
+        + ", ".join(columns)
+        + f", prediction\nFROM `{table}`\nWHERE model_line = '{model_line}'"
+        f"\n  AND ts >= TIMESTAMP '{start.astimezone(UTC):%Y-%m-%d %H:%M:%S}+00'"
+        f"\n  AND ts < TIMESTAMP '{end.astimezone(UTC):%Y-%m-%d %H:%M:%S}+00'"
+    )
 
 
 def labelled_interval(truth: GroundTruth, start: datetime, end: datetime) -> tuple[datetime, datetime]:

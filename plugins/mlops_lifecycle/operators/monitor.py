@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowSkipException
 
 from mlops_lifecycle import paths
-from mlops_lifecycle.config import Monitoring, declared_features
+from mlops_lifecycle.config import ExtractBigQuery, Monitoring, declared_feature_kinds
 from mlops_lifecycle.exceptions import LifecycleError, MonitorRequestInvalid
 from mlops_lifecycle.links import DriftReportLink, MlflowRunLink
 from mlops_lifecycle.monitoring import (
@@ -43,6 +43,8 @@ from mlops_lifecycle.operators.base import BACKFILL, LifecycleOperator, Upstream
 if TYPE_CHECKING:
     import pandas as pd
     from airflow.sdk import Context
+
+    from mlops_lifecycle.adapters.served_log import ServedSnapshot
 
 FINDINGS_TAG = "monitor.findings"
 REQUESTED_BY_TAG = "monitor.retrain_requested_by"  # the monitor run (dag_id/run_id) that made the request
@@ -74,6 +76,13 @@ class MonitorOperator(LifecycleOperator):
                 raise
             return str(found.experiment_id)
 
+    @cached_property
+    def bigquery(self) -> Any:
+        from mlops_lifecycle.adapters.bigquery_snapshots import BigQuerySnapshots
+
+        cfg = self.section(self.config.extract, ExtractBigQuery)
+        return BigQuerySnapshots(cfg.gcp_conn_id, cfg.project, cfg.location, self.log)
+
     def interval(self, context: Context) -> tuple[datetime, datetime]:
         """The run's data interval, or what a manual run's conf asks to check (``since``, ``until``)."""
         from mlops_lifecycle.monitoring import IntervalRequestInvalid, requested_check
@@ -100,22 +109,26 @@ class ServedSnapshotOperator(MonitorOperator):
     """Freeze what production served in the interval (and the labelled interval, with its actuals)."""
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from mlops_lifecycle.adapters.served_log import snapshot_prediction_log
-
         start, end = self.interval(context)
-        features = declared_features(self.config.entrypoint_path)
-        if not features:
+        kinds = declared_feature_kinds(self.config.entrypoint_path)
+        if not kinds:
             raise LifecycleError(
                 f"{self.config.train.entrypoint} declares no CATEGORICAL/NUMERIC features: the monitor reads "
                 "them to know the columns of a served row"
             )
-        logs, snapshots = paths.local_home() / "predictions", paths.local_home() / "warehouse" / "snapshots"
         line = self.config.model_line
+        served_from = self.monitoring.served
 
         def freeze(first: datetime, last: datetime) -> dict[str, Any]:
-            made = snapshot_prediction_log(
-                logs, line, first, last, features, snapshots / f"{line}__served__{interval_label(first, last)}.parquet"
-            )
+            if served_from == "bigquery":
+                made = self.bigquery_served(context, first, last, kinds)
+            else:
+                from mlops_lifecycle.adapters.served_log import snapshot_prediction_log
+
+                name = f"{line}__served__{interval_label(first, last)}.parquet"
+                target = paths.local_home() / "warehouse" / "snapshots" / name
+                logs = paths.local_home() / "predictions"
+                made = snapshot_prediction_log(logs, line, first, last, list(kinds), target)
             self.log.info(
                 "Served %s..%s: %d rows of versions %s from %d log lines (%s bad: %s)%s",
                 _iso(first), _iso(last), made.rows, made.versions or "none", made.lines,
@@ -128,11 +141,56 @@ class ServedSnapshotOperator(MonitorOperator):
         if truth is not None:
             first, last = labelled_interval(truth, start, end)
             labelled = freeze(first, last)
-            labelled["actuals_uri"] = self.actuals(first, last) if labelled["rows"] else None
+            labelled["actuals_uri"] = self.actuals(context, first, last) if labelled["rows"] else None
             out["labelled"] = labelled
         return out
 
-    def actuals(self, first: datetime, last: datetime) -> str | None:
+    # --- BigQuery: the shipped logs and the actuals, as snapshot tables beside extract's ------------------
+    def bigquery_table(
+        self, context: Context, sql: str, name: str, first: datetime, last: datetime
+    ) -> tuple[str, str, bool]:
+        """(table, job, reused): ``sql``'s result written once into ``<extract dataset>.<line>__<name>``."""
+        from mlops_lifecycle.adapters.bigquery_snapshots import expiry_ms, job_id_for
+
+        cfg = self.section(self.config.extract, ExtractBigQuery)
+        table = f"{cfg.project}.{cfg.dataset}.{self.config.model_line}__{name}"
+        labels = {
+            "model-line": self.config.model_line,
+            "window": interval_label(first, last),
+            "airflow-dag": context["ti"].dag_id,
+            "airflow-run": context["ti"].run_id,
+        }
+        job, reused = self.bigquery.materialise(
+            sql,
+            table,
+            job_id_for(f"{self.config.model_line}/{name}", context["ti"].run_id),
+            labels,
+            expiry_ms(self.config.retention.snapshot_days),
+            self.monitoring.query_timeout_seconds,
+        )
+        return table, job, reused
+
+    def bigquery_served(
+        self, context: Context, first: datetime, last: datetime, kinds: dict[str, str]
+    ) -> ServedSnapshot:
+        """The served rows of [first, last) from the shipped log table, as a snapshot table."""
+        from mlops_lifecycle.adapters.served_log import ServedSnapshot
+        from mlops_lifecycle.monitoring import served_sql
+
+        assert self.monitoring.served_table is not None
+        sql = served_sql(self.monitoring.served_table, self.config.model_line, first, last, kinds)
+        table, job, reused = self.bigquery_table(context, sql, f"served__{interval_label(first, last)}", first, last)
+        counted = self.bigquery.client().query(
+            f"SELECT model_version, COUNT(*) AS n FROM `{table}` GROUP BY model_version"
+        ).result()
+        versions = {str(row["model_version"]): int(row["n"]) for row in counted}
+        self.log.info("Served rows of %s..%s in %s (query job %s)", _iso(first), _iso(last), table, job)
+        # lines the shipper could not parse never reach the table: its own metrics count them
+        return ServedSnapshot(
+            uri=f"bq://{table}", rows=sum(versions.values()), reused=reused, versions=versions, lines=0, bad_lines={}
+        )
+
+    def actuals(self, context: Context, first: datetime, last: datetime) -> str | None:
         """Snapshot of the actuals of the days the labelled rows predicted (None: the warehouse has none yet)."""
         from mlops_lifecycle.adapters.warehouse import LocalWarehouse
         from mlops_lifecycle.exceptions import SnapshotError
@@ -141,11 +199,19 @@ class ServedSnapshotOperator(MonitorOperator):
         assert truth is not None
         offset = timedelta(days=truth.prediction_offset_days)
         days_from, days_to = (first + offset).date(), (last + offset).date() + timedelta(days=1)
+        sql_text = (paths.include_dir() / (truth.sql or self.config.extract.sql)).read_text()
+        if isinstance(self.config.extract, ExtractBigQuery):
+            from mlops_lifecycle.sql import render_sql
+
+            sql = render_sql(sql_text, dict(self.config.extract.tables), days_from, days_to)
+            name = f"actuals__{days_from:%Y%m%d}-{days_to:%Y%m%d}"
+            table, _, _ = self.bigquery_table(context, sql, name, first, last)
+            return f"bq://{table}"
         warehouse = LocalWarehouse(paths.local_home() / "warehouse")
         warehouse.ensure_sample_data(through=min(days_to, datetime.now(UTC).date()))
         try:
             made = warehouse.snapshot(
-                sql_template=(paths.include_dir() / (truth.sql or self.config.extract.sql)).read_text(),
+                sql_template=sql_text,
                 tables=dict(self.config.extract.tables),
                 window_start=days_from,
                 window_end=days_to,
@@ -170,12 +236,10 @@ class DriftCheckOperator(MonitorOperator):
     template_fields = ("snapshot",)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        import pandas as pd
-
         snap = self.snapshot
         served_info = snap["served"]
         start, end = datetime.fromisoformat(snap["interval_start"]), datetime.fromisoformat(snap["interval_end"])
-        served = pd.read_parquet(served_info["uri"])
+        served = self.read(served_info["uri"])
         labelled_info = snap.get("labelled")
         labelled = self.labelled_rows(labelled_info)
         versions = sorted(
@@ -211,6 +275,16 @@ class DriftCheckOperator(MonitorOperator):
         }
 
     # --- inputs --------------------------------------------------------------------------------------
+    def read(self, uri: str) -> pd.DataFrame:
+        """A snapshot: a parquet file (local) or ``bq://project.dataset.table``."""
+        import pandas as pd
+
+        if uri.startswith("bq://"):
+            rows = self.bigquery.client().list_rows(uri.removeprefix("bq://"))
+            frame: pd.DataFrame = rows.to_dataframe(create_bqstorage_client=False)
+            return frame
+        return pd.read_parquet(uri)
+
     def labelled_rows(self, info: dict[str, Any] | None) -> pd.DataFrame | None:
         """The labelled interval's served rows joined with their actuals (None without ground truth)."""
         import pandas as pd
@@ -220,11 +294,11 @@ class DriftCheckOperator(MonitorOperator):
         truth = self.monitoring.ground_truth
         if info is None or truth is None:
             return None
-        rows = pd.read_parquet(info["uri"])
+        rows = self.read(info["uri"])
         if not info.get("actuals_uri") or rows.empty:
             return rows.iloc[0:0].assign(actual=pd.Series(dtype=float))
         actual = truth.actual or self.config.train.target
-        actuals = pd.read_parquet(info["actuals_uri"])
+        actuals = self.read(info["actuals_uri"])
         missing = [c for c in (*truth.key, "date", actual) if c not in actuals.columns]
         if missing:
             raise LifecycleError(
