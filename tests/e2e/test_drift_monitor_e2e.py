@@ -15,6 +15,7 @@ import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -29,14 +30,15 @@ W1, W2 = datetime(2026, 10, 5, 3, tzinfo=UTC), datetime(2026, 10, 12, 3, tzinfo=
 ASSET = f"{LINE}__retrain_request"
 
 
-def write_line(port: int) -> None:
+def write_line(port: int, ground_truth: bool = False) -> None:
     data = copy.deepcopy(BASE)
     data.update(model_line=LINE, retries=0, retry_delay_seconds=1)
     data["registry"] = {"model_name": LINE, "experiment": f"/e2e/{LINE}"}
     data["train"]["parameters"] = {"max_iter": 60, "learning_rate": 0.1}
     data["review"].update(auto_approve=True)
     data["deploy"].update(port=port, verify_timeout_seconds=120)
-    data["monitoring"].pop("ground_truth")  # live performance: tests/unit/test_monitoring.py and below
+    if not ground_truth:
+        data["monitoring"].pop("ground_truth")  # live performance: the last test
     data["monitoring"]["limits"]["min_rows"] = 100
     data["monitoring"]["cooldown_hours"] = 24
     (MODEL_LINES / f"{LINE}.yaml").write_text(yaml.safe_dump(data))
@@ -50,7 +52,8 @@ def traffic(rows: int, seed: int) -> list[dict]:
     return json.loads(frame[features].sample(rows, random_state=seed).to_json(orient="records"))
 
 
-def send(port: int, rows: list[dict], batch: int = 100) -> None:
+def send(port: int, rows: list[dict], batch: int = 100) -> list[float]:
+    predictions = []
     for first in range(0, len(rows), batch):
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/predict",
@@ -59,6 +62,8 @@ def send(port: int, rows: list[dict], batch: int = 100) -> None:
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200
+            predictions += json.loads(response.read())["predictions"]
+    return predictions
 
 
 def shifted(rows: list[dict], factor: float = 1.8) -> list[dict]:
@@ -187,3 +192,58 @@ def test_a_check_of_the_future_is_refused_and_changes_nothing(port):
     )
     assert result.task_states["snapshot_served"] == "failed" and result.state == "failed"
     assert len(monitoring_runs()) == before
+
+
+def served_earlier(port: int, day, at: datetime, factor: float = 1.0) -> pd.DataFrame:  # noqa: ANN001
+    """What production forecast for ``day`` when it served at ``at`` (a week before): every market's features of
+    ``day`` (known 7 days ahead) scored by the service now, written to its prediction log with ``at``'s time
+    (the log format is the contract a shipper and the monitor share). Returns the rows with the prediction."""
+    from mlops_lifecycle.adapters.warehouse import LocalWarehouse
+
+    warehouse = LocalWarehouse(paths.local_home() / "warehouse")
+    warehouse.ensure_sample_data(through=day + timedelta(days=1))
+    made = warehouse.snapshot(
+        sql_template=(paths.include_dir() / BASE["extract"]["sql"]).read_text(),
+        tables={"daily_demand": "daily_demand"},
+        window_start=day,
+        window_end=day + timedelta(days=1),
+        name=f"{LINE}__features_of_{day:%Y%m%d}",
+    )
+    frame = pd.read_parquet(made.uri).dropna()
+    features = [c for c in frame.columns if c not in ("date", "units_sold")]
+    rows = json.loads(frame[features].to_json(orient="records"))
+    predictions = [p * factor for p in send(port, rows)]
+    folder = paths.local_home() / "predictions" / LINE / "v2" / f"{at:%Y-%m-%d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"earlier-{day:%Y%m%d}.jsonl").open("w") as log:
+        for i, (row, prediction) in enumerate(zip(rows, predictions, strict=True)):
+            stamp = (at + timedelta(seconds=i)).isoformat().replace("+00:00", "Z")
+            head = {"ts": stamp, "request_id": f"earlier-{i}", "model_line": LINE, "model_name": LINE}
+            log.write(json.dumps(head | {"model_version": "2", "rows": 1, "request": {"rows": [row]},
+                                         "predictions": [prediction]}) + "\n")
+    return frame.assign(prediction=predictions)
+
+
+def test_live_performance_scores_what_was_served_a_horizon_and_a_delay_ago(port):
+    """Rows served on day S predict S + 7, whose actuals are complete a day later: the check of [T0, T1) scores
+    the rows served in [T0 - 8 d, T1 - 8 d) against their actuals, with the gate's metrics."""
+    write_line(port, ground_truth=True)
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    served = served_earlier(port, (midnight - timedelta(days=1)).date(), midnight - timedelta(days=8, minutes=-1))
+    result = check(midnight, datetime.now(UTC))
+    assert result.task_states["check_drift"] == "success", result.task_states
+    run = monitoring_runs()[-1]
+    found = json.loads(run.data.tags["monitor.findings"])
+    assert found["labelled_rows"] == len(served) == 12  # one forecast per market, each joined to its actual
+    actual = served["units_sold"].to_numpy()
+    mape = float(np.mean(np.abs(actual - served["prediction"].to_numpy()) / np.maximum(np.abs(actual), 1.0)))
+    assert found["live"]["mape"] == pytest.approx(mape) and run.data.metrics["live.mape"] == pytest.approx(mape)
+    assert set(found["holdout"]) == {"mape", "r2", "rmse"}  # the served version's own holdout, for comparison
+
+    # a day whose forecasts were three times too high: a live performance breach of the version that served
+    bad = served_earlier(port, (midnight - timedelta(days=2)).date(), midnight - timedelta(days=9, minutes=-1), 3.0)
+    result = check(midnight - timedelta(days=1), midnight)
+    assert result.task_states["alert_owners"] == "success", result.task_states
+    found = json.loads(monitoring_runs()[-1].data.tags["monitor.findings"])
+    assert found["labelled_rows"] == len(bad) and found["rows"] == 0  # nothing served yesterday by this test
+    assert found["verdict"] == "breach" and any(b.startswith("live mape") for b in found["breaches"])
