@@ -36,6 +36,8 @@ Usage::
     monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", standin.airflow_connection_json())
     standin.load_table("test-project.sales.orders", frame)  # creates dataset ``sales`` (US) if needed
 
+Streaming inserts (``tabledata.insertAll``) append rows, dropping a repeated ``insertId``.
+
 Control: ``create_dataset``, ``load_table`` (DataFrame or parquet file/folder), ``finish_job`` (run a RUNNING
 job now), ``inject`` (faults, from the base). Inspection: ``table_rows``/``table_frame``/``table_exists``,
 ``jobs``/``job(id)``/``wait_job``, ``query_executions``, ``tokens`` (issued access tokens -> client_email).
@@ -268,6 +270,8 @@ class BigQueryStandIn(StandIn):
         self.require_auth = require_auth
         self.jobs: dict[tuple[str, str, str], Job] = {}
         self.query_executions = 0
+        self.inserted_rows = 0  # rows written by tabledata.insertAll (duplicates of a seen insertId not counted)
+        self._insert_ids: dict[tuple[str, str, str], set[str]] = {}
         self.tokens: dict[str, str] = {}  # access token -> client_email
         self._changed = threading.Condition(self.lock)
         self._datasets: dict[tuple[str, str], Dataset] = {}
@@ -302,6 +306,7 @@ class BigQueryStandIn(StandIn):
         api("DELETE", f"{P}/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)", self._delete_table)
         api("PATCH", f"{P}/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)", self._patch_table)
         api("GET", f"{P}/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)/data", self._list_rows)
+        api("POST", f"{P}/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)/insertAll", self._insert_all)
 
     # -- lifecycle, addresses, credentials -----------------------------------------------------
     def stop(self) -> None:
@@ -1072,6 +1077,37 @@ class BigQueryStandIn(StandIn):
             self._tables[(project, dataset, table)] = meta
             self._save_meta()
             return Response(200, self._table_resource(meta))
+
+    def _insert_all(self, req: Request, user: str, project: str, dataset: str, table: str) -> Response:
+        """tabledata.insertAll (streaming): rows as JSON objects of the table's columns; a row whose ``insertId``
+        was seen before is dropped (BigQuery's best-effort de-duplication, exact here). Rows that do not fit
+        the schema come back in ``insertErrors`` and none of the request is written, as with
+        ``skipInvalidRows: false``."""
+        body = req.json() or {}
+        with self.lock:
+            self._require_table(project, dataset, table)
+            target = f"{_q(self._schema(project, dataset))}.{_q(table)}"
+            columns = [row[0] for row in self._db.execute(f"DESCRIBE {target}").fetchall()]
+            seen = self._insert_ids.setdefault((project, dataset, table), set())
+            fresh, errors = [], []
+            for index, row in enumerate(body.get("rows") or []):
+                values = row.get("json") or {}
+                unknown = sorted(set(values) - set(columns))
+                if unknown:
+                    problem = {"reason": "invalid", "message": f"no such field: {unknown[0]}"}
+                    errors.append({"index": index, "errors": [problem]})
+                    continue
+                if row.get("insertId") in seen:
+                    continue
+                fresh.append((row.get("insertId"), [values.get(c) for c in columns]))
+            if errors:
+                return Response(200, {"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": errors})
+            if fresh:
+                marks = ", ".join("?" for _ in columns)
+                self._db.executemany(f"INSERT INTO {target} VALUES ({marks})", [values for _, values in fresh])
+                seen.update(insert_id for insert_id, _ in fresh if insert_id)
+            self.inserted_rows += len(fresh)
+            return Response(200, {"kind": "bigquery#tableDataInsertAllResponse"})
 
     def _get_table(self, req: Request, user: str, project: str, dataset: str, table: str) -> Response:
         with self.lock:
