@@ -1,5 +1,5 @@
 """`make bench`: DAG-folder parse time for 1/10/100 model lines, one local lifecycle's wall time, and
-the model service against `mlflow models serve` for the same model version.
+the model service against `mlflow models serve` for the same model version; drift figures (bench_drift.py).
 
 Prints tables; nothing here is a pass/fail test. Everything runs in a temporary folder.
 """
@@ -930,7 +930,7 @@ def bench_service() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["parse", "lifecycle", "service", "backtest"])
+    parser.add_argument("--only", choices=["parse", "lifecycle", "service", "backtest", "drift"])
     args = parser.parse_args()
     if args.only in (None, "parse"):
         bench_parse(args.repeats)
@@ -940,6 +940,10 @@ def main() -> int:
         bench_service()
     if args.only in (None, "backtest"):
         bench_backtest()
+    if args.only in (None, "drift"):
+        import bench_drift  # scripts/bench_drift.py: check_drift against evidently, detection quality
+
+        bench_drift.main(args.repeats)
     return 0
 
 
