@@ -91,6 +91,12 @@ def _doc(config: ModelLineConfig) -> str:
         f"the end of its data interval, holding out the last {config.window.holdout_days}.\n\n"
         "| gate metric | direction | threshold | max regression vs production |\n|---|---|---|---|\n"
         f"{gate}\n\nReview: {review}.\n"
+        + (
+            f"\nBesides its schedule, a run starts when `{config.monitor_dag_id}` requests a retrain after a drift "
+            "breach (asset `" + f"{config.model_line}__retrain_request`); it trains on data up to the request.\n"
+            if config.monitoring is not None and config.monitoring.retrain_on_breach
+            else ""
+        )
     )
 
 

@@ -128,7 +128,8 @@ def parsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 def test_a_bad_file_names_itself_and_the_shipped_lines_still_load(parsed, case):
     name, _, expected = CASES[case]
     result = parsed[case]
-    assert result["dags"] == [f"{line}__lifecycle" for line in SHIPPED_LINES], result["errors"]
+    shipped = sorted(f"{line}__{kind}" for line in SHIPPED_LINES for kind in ("lifecycle", "monitor"))
+    assert result["dags"] == shipped, result["errors"]
     assert name in result["errors"] and expected in result["errors"], result["errors"]
     assert result["errors"].count("Invalid model-line config") == 1, "only the bad file is an error"
     assert "Duplicated" not in result["errors"], result["errors"]
