@@ -431,7 +431,12 @@ class DriftLimits(_Strict):
     null_rate_increase: float = Field(default=0.05, gt=0, le=1, description="Null rate above the reference's by more.")
     out_of_range_rate: float = Field(default=0.05, gt=0, le=1, description="Share outside the reference's range.")
     unseen_rate: float = Field(default=0.05, gt=0, le=1, description="Share of categories the reference never saw.")
-    min_rows: int = Field(default=100, ge=1, description="Fewer served rows of a version: reported, not judged.")
+    min_rows: int = Field(
+        default=1000,
+        ge=1,
+        description="Fewer served rows of a version: reported, not judged (PSI's noise alone is about "
+        "bins/rows: at 100 rows clean data breaches 0.2 often).",
+    )
 
 
 class GroundTruth(_Strict):
@@ -458,6 +463,9 @@ class GroundTruth(_Strict):
         default=0.2,
         gt=0,
         description="Breach when a gate metric is live this fraction worse than the served version's holdout value.",
+    )
+    min_rows: int = Field(
+        default=50, ge=1, description="Fewer labelled rows of a version: live metrics reported, not judged."
     )
 
 
@@ -591,6 +599,11 @@ class ModelLineConfig(_Strict):
                 "together: GitLab CI deploys what a GitLab merge request merged (gitlab + gitlab_ci), and the "
                 "local service deploys what the local git review merged (local_git + local_process)"
             )
+        if self.deploy.backend != "local_process" and self.alerting.emails and not self.alerting.smtp_conn_id:
+            problems.append(
+                "alerting.smtp_conn_id: required for a line deployed to production with alerting.emails: without "
+                "it alerts go to a file on the Airflow worker (.local/alerts), which nobody reads there"
+            )
         problems += self._monitoring_problems()
         if problems:
             raise ValueError("; ".join(problems))
@@ -623,6 +636,19 @@ class ModelLineConfig(_Strict):
             problems.append(
                 f"monitoring.exclude: {unknown} are not features of {self.train.entrypoint} "
                 f"({', '.join(features or ())})"
+            )
+        kinds = declared_feature_kinds(self.entrypoint_path) or {}
+        reserved = sorted(set(kinds) & {"ts", "request_id", "model_version", "row_index", "prediction", "actual"})
+        if reserved:
+            problems.append(
+                f"monitoring: features {reserved} of {self.train.entrypoint} clash with the served rows' own "
+                "columns; rename them to be monitored"
+            )
+        odd = sorted(name for name in kinds if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name))
+        if monitoring.served == "bigquery" and odd:
+            problems.append(
+                f"monitoring.served: features {odd} of {self.train.entrypoint} are not plain names, which the "
+                "shipped table's JSON cannot be read into as columns"
             )
         truth = monitoring.ground_truth
         if truth is None:

@@ -228,7 +228,8 @@ def build_monitor_dag(config: ModelLineConfig, register: bool = True) -> DAG:
             outlets=[retrain] if monitoring.retrain_on_breach else [],
             **common,
         )
-        snapshot >> check >> alert >> request
+        # both on the breach, independently: a mail outage must not hold the retrain request back
+        snapshot >> check >> [alert, request]
     return dag
 
 

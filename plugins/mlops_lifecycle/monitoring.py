@@ -43,10 +43,17 @@ def monitor_interval(
     """The interval a monitor run checks: its data interval, or (a manual run without one) the last
     complete period of the monitor's cron before it was triggered."""
     if start is not None and end is not None and end > start:
-        return start.astimezone(UTC), end.astimezone(UTC)
+        return _plain_utc(start), _plain_utc(end)
     from mlops_lifecycle.window import last_complete_interval
 
-    return last_complete_interval(monitoring.cron, monitoring.timezone, run_after or datetime.now(UTC))
+    first, last = last_complete_interval(monitoring.cron, monitoring.timezone, run_after or datetime.now(UTC))
+    return _plain_utc(first), _plain_utc(last)
+
+
+def _plain_utc(moment: datetime) -> datetime:
+    """A standard-library UTC datetime. Airflow hands tasks pendulum DateTimes, whose arithmetic with a
+    timedelta after ``astimezone(UTC)`` drops the zone (pendulum 3.3): every later step would be naive."""
+    return datetime.fromtimestamp(moment.timestamp(), UTC)
 
 
 MAX_CHECKED_DAYS = 31
@@ -109,9 +116,20 @@ def served_sql(table: str, model_line: str, start: datetime, end: datetime, kind
 
 
 def labelled_interval(truth: GroundTruth, start: datetime, end: datetime) -> tuple[datetime, datetime]:
-    """The served interval whose actuals are complete by ``end``: [start, end) moved back by offset + delay."""
+    """The served days whose actuals are all complete by ``end``, in whole UTC days.
+
+    A row served on day S predicts day D = S + offset; D's actuals are complete ``label_delay_days`` after D
+    ends. So rows served before ``day(end) - (offset + delay)`` are complete by ``day(end)`` <= ``end``; the
+    check of [start, end) scores the served days [day(start), day(end)) moved back by offset + delay. Checks
+    of consecutive intervals score consecutive days, each once (several checks within one day: the first
+    that crosses midnight scores it; the others score nothing).
+    """
     lag = timedelta(days=truth.prediction_offset_days + truth.label_delay_days)
-    return start - lag, end - lag
+
+    def day(moment: datetime) -> datetime:
+        return _plain_utc(moment).replace(hour=0, minute=0, second=0, microsecond=0)
+
+    return day(start) - lag, day(end) - lag
 
 
 def join_actuals(served: pd.DataFrame, actuals: pd.DataFrame, truth: GroundTruth) -> pd.DataFrame:

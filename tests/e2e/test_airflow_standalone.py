@@ -7,6 +7,7 @@ Also measures what the issue asks for: worker slots held while waiting on review
 from __future__ import annotations
 
 import copy
+import datetime
 import time
 
 import pytest
@@ -33,6 +34,10 @@ def api(stack):  # noqa: ANN001, ANN201
     data["registry"].update(model_name=LINE, experiment=f"/e2e/{LINE}")
     data["deploy"].update(port=port, verify_timeout_seconds=120, poll_interval_seconds=0.5)
     data["review"].update(auto_approve=False, reviewers=[REVIEWER])
+    # a yearly schedule: production's data then ends before today, so the drift test's retrain request has new
+    # days to train on (a line retrained today is not retrained again for drift: it would see the same days)
+    data["schedule"] = {"cron": "30 4 1 1 *", "timezone": "UTC", "start_date": datetime.date(2025, 1, 1)}
+    data["monitoring"].setdefault("limits", {})["min_rows"] = 100  # the drift test sends 400 rows
     (MODEL_LINES / f"{LINE}.yaml").write_text(yaml.safe_dump(data))
 
     try:
@@ -133,7 +138,7 @@ def test_a_drift_breach_requests_a_retrain_that_the_scheduler_starts(api):
     line's retrain request; the scheduler then starts a lifecycle run of its own window (asset-triggered)."""
     import json
     import urllib.request
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, timedelta
 
     import pandas as pd
 
@@ -144,7 +149,7 @@ def test_a_drift_breach_requests_a_retrain_that_the_scheduler_starts(api):
     frame = pd.read_parquet(snapshot).dropna()
     features = [c for c in frame.columns if c not in ("market_id", "date", "high_demand")]
     rows = json.loads(frame[features].sample(400, random_state=7).to_json(orient="records"))
-    since = datetime.now(UTC) - timedelta(seconds=1)
+    since = datetime.datetime.now(UTC) - timedelta(seconds=1)
     for first in range(0, len(rows), 100):
         batch = [r | {"price_ratio_28": r["price_ratio_28"] * 1.5} for r in rows[first : first + 100]]
         request = urllib.request.Request(
@@ -155,7 +160,7 @@ def test_a_drift_breach_requests_a_retrain_that_the_scheduler_starts(api):
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200
     time.sleep(1.5)  # the prediction log is written every 0.5 s
-    until = datetime.now(UTC)
+    until = datetime.datetime.now(UTC)
 
     api.patch(f"/api/v2/dags/{monitor}", json={"is_paused": False}).raise_for_status()
     response = api.post(

@@ -37,7 +37,9 @@ def write_line(port: int, ground_truth: bool = False) -> None:
     data["train"]["parameters"] = {"max_iter": 60, "learning_rate": 0.1}
     data["review"].update(auto_approve=True)
     data["deploy"].update(port=port, verify_timeout_seconds=120)
-    if not ground_truth:
+    if ground_truth:
+        data["monitoring"]["ground_truth"]["min_rows"] = 10  # one forecast per market (12) per served day
+    else:
         data["monitoring"].pop("ground_truth")  # live performance: the last test
     data["monitoring"]["limits"]["min_rows"] = 100
     data["monitoring"]["cooldown_hours"] = 24
@@ -225,12 +227,14 @@ def served_earlier(port: int, day, at: datetime, factor: float = 1.0) -> pd.Data
 
 
 def test_live_performance_scores_what_was_served_a_horizon_and_a_delay_ago(port):
-    """Rows served on day S predict S + 7, whose actuals are complete a day later: the check of [T0, T1) scores
-    the rows served in [T0 - 8 d, T1 - 8 d) against their actuals, with the gate's metrics."""
+    """Rows served on day S predict S + 7, whose actuals are complete a day after that day ends: the check of
+    [T0, T1) scores the rows served on the days [day(T0), day(T1)) moved back 8 days, with the gate's metrics."""
     write_line(port, ground_truth=True)
     midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    served = served_earlier(port, (midnight - timedelta(days=1)).date(), midnight - timedelta(days=8, minutes=-1))
-    result = check(midnight, datetime.now(UTC))
+    day = timedelta(days=1)
+    # served 9 days ago, predicting 2 days ago: complete since midnight
+    served = served_earlier(port, (midnight - 2 * day).date(), midnight - 9 * day + timedelta(minutes=1))
+    result = check(midnight - day, datetime.now(UTC))
     assert result.task_states["check_drift"] == "success", result.task_states
     run = monitoring_runs()[-1]
     found = json.loads(run.data.tags["monitor.findings"])
@@ -241,9 +245,9 @@ def test_live_performance_scores_what_was_served_a_horizon_and_a_delay_ago(port)
     assert set(found["holdout"]) == {"mape", "r2", "rmse"}  # the served version's own holdout, for comparison
 
     # a day whose forecasts were three times too high: a live performance breach of the version that served
-    bad = served_earlier(port, (midnight - timedelta(days=2)).date(), midnight - timedelta(days=9, minutes=-1), 3.0)
-    result = check(midnight - timedelta(days=1), midnight)
+    bad = served_earlier(port, (midnight - 3 * day).date(), midnight - 10 * day + timedelta(minutes=1), 3.0)
+    result = check(midnight - 2 * day, midnight - day)
     assert result.task_states["alert_owners"] == "success", result.task_states
     found = json.loads(monitoring_runs()[-1].data.tags["monitor.findings"])
-    assert found["labelled_rows"] == len(bad) and found["rows"] == 0  # nothing served yesterday by this test
+    assert found["labelled_rows"] == len(bad) and found["rows"] == 0  # nothing served that day by this test
     assert found["verdict"] == "breach" and any(b.startswith("live mape") for b in found["breaches"])

@@ -83,7 +83,9 @@ def test_no_import_errors_and_a_lifecycle_and_a_monitor_dag_per_model_line(shipp
 def test_monitor_requests_retrains_through_the_asset_the_lifecycle_is_scheduled_on(shipped):
     for line in ("demand_forecast", "high_demand_alert"):
         monitor, lifecycle = shipped["dags"][f"{line}__monitor"], shipped["dags"][f"{line}__lifecycle"]
-        assert monitor["tasks"] == ["snapshot_served", "check_drift", "alert_owners", "request_retrain"]
+        assert monitor["tasks"][:2] == ["snapshot_served", "check_drift"]
+        # alerting and the retrain request both hang on the check: a mail outage cannot hold a retrain back
+        assert sorted(monitor["downstream"]["check_drift"]) == ["alert_owners", "request_retrain"]
         asset = f"{line}__retrain_request"
         # only the request task emits the event: a breach without a request (cool-down) emits nothing
         assert monitor["outlets"] == {

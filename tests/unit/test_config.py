@@ -212,9 +212,14 @@ CASES = {
         lambda d: d["monitoring"].update(cooldown_hours=-1),
         "monitoring.cooldown_hours: Input should be greater than or equal to 0",
     ),
-    "monitor_bigquery_source_not_built": (
+    "monitor_bigquery_needs_its_table": (
         lambda d: d["monitoring"].update(served="bigquery"),
-        "monitoring.served: Input should be 'prediction_log'",
+        "monitoring.served_table: required with served: bigquery",
+    ),
+    "monitor_bigquery_needs_a_bigquery_warehouse": (
+        lambda d: d["monitoring"].update(served="bigquery", served_table="acme-ml-prod.monitoring.prediction_log"),
+        "monitoring.served: 'bigquery' snapshots the shipped logs into extract's BigQuery dataset, but "
+        "extract.warehouse is 'duckdb'",
     ),
 }
 
@@ -270,6 +275,10 @@ PRODUCTION_CASES = {
     "monitoring_reads_the_local_log_only": (
         lambda d: d.update(monitoring={"cron": "0 5 * * *"}),
         "monitoring.served: 'prediction_log' reads the local service's log, but deploy.backend is 'gitlab_ci'",
+    ),
+    "production_alerts_need_smtp": (
+        lambda d: d["alerting"].pop("smtp_conn_id"),
+        "alerting.smtp_conn_id: required for a line deployed to production with alerting.emails",
     ),
     "gitlab_review_with_local_deploy": (
         lambda d: d.update(deploy={"backend": "local_process", "port": 8601}),

@@ -28,14 +28,36 @@ def truth(**changes) -> GroundTruth:  # noqa: ANN003
     return GroundTruth.model_validate(base | changes)
 
 
-def test_the_labelled_interval_is_the_one_whose_actuals_are_all_in_by_the_end():
+def test_the_labelled_days_are_those_whose_actuals_are_all_in_by_the_end():
+    # a daily check at 05:00 (the README's cron): offset 7, complete one day after the predicted day ends
     start, end = datetime(2026, 12, 1, 5, tzinfo=UTC), datetime(2026, 12, 2, 5, tzinfo=UTC)
     first, last = labelled_interval(truth(), start, end)
-    # served on day D predicts D+7, complete one day later: rows served 8 days before are fully labelled now
-    assert (first, last) == (start - timedelta(days=8), end - timedelta(days=8))
-    # consecutive monitor intervals label consecutive served intervals: every served row is scored once
-    nxt = labelled_interval(truth(), end, end + timedelta(days=1))
-    assert nxt[0] == last
+    # served on Nov 23 (predicting Nov 30, complete at the end of Dec 1): all in by Dec 2 05:00
+    assert (first, last) == (datetime(2026, 11, 23, tzinfo=UTC), datetime(2026, 11, 24, tzinfo=UTC))
+    served_on = last - timedelta(seconds=1)  # the latest row it scores
+    complete_at = served_on.replace(hour=0, minute=0, second=0) + timedelta(days=7 + 1 + 1)
+    assert complete_at <= end
+    # consecutive checks score consecutive days, each once; two checks within one day score it once
+    assert labelled_interval(truth(), end, end + timedelta(days=1))[0] == last
+    morning, noon = labelled_interval(truth(), end, end + timedelta(hours=6)), labelled_interval(
+        truth(), end + timedelta(hours=6), end + timedelta(hours=12)
+    )
+    assert morning[0] == morning[1] and noon[0] == noon[1]  # nothing new completes within a day
+
+
+def test_airflow_pendulum_times_stay_aware_through_interval_arithmetic():
+    import pendulum
+
+    from mlops_lifecycle.config import Monitoring
+    from mlops_lifecycle.monitoring import monitor_interval
+
+    monitoring = Monitoring.model_validate({"cron": "0 5 * * *", "ground_truth": {"key": ["market_id"]}})
+    start, end = monitor_interval(
+        monitoring, pendulum.datetime(2026, 11, 30, 5, tz="UTC"), pendulum.datetime(2026, 12, 1, 5, tz="UTC"), None
+    )
+    first, last = labelled_interval(monitoring.ground_truth, start, end)
+    assert first.tzinfo is not None and last.tzinfo is not None  # pendulum 3.3 dropped it after a subtraction
+    assert (start - timedelta(days=8)).tzinfo is not None
 
 
 def test_label_join_uses_the_serving_day_plus_the_horizon_and_the_key():

@@ -136,8 +136,9 @@ class BigQuerySnapshots:
         self, sql: str, table: str, base_id: str, labels: dict[str, str], expires_ms: int, timeout: float
     ) -> tuple[str, bool]:
         """Write ``sql``'s result into ``table`` once, waiting for the job here (for small queries that do
-        not need a deferral); (the job that wrote it, reused). An empty result is kept: it is final too."""
-        written = self.written_by(table, empty_ok=True)
+        not need a deferral); (the job that wrote it, reused). An empty result is not kept: rows may still
+        arrive (a shipper running late), so the next run queries again."""
+        written = self.written_by(table)
         if written is not None:
             self.log.info("Snapshot %s exists (%s): reused, never rewritten", table, written)
             return written, True
@@ -150,9 +151,13 @@ class BigQuerySnapshots:
             time.sleep(1)
             job = self.hook.get_job(job_id=job.job_id, project_id=self.project, location=self.location)
         if job.error_result:
-            if self.written_by(table, empty_ok=True) is not None:  # lost a race: the winner's table stands
-                return self.written_by(table, empty_ok=True) or job.job_id, True
+            winner = self.written_by(table)
+            if winner is not None:  # lost a race: the winner's table stands
+                return winner, True
             raise SnapshotError(f"BigQuery job {self.project}:{self.location}.{job.job_id} failed: {job.error_result}")
+        if not self.client().get_table(table).num_rows:
+            self.client().delete_table(table, not_found_ok=True)
+            self.log.info("Snapshot %s is empty: dropped, so a later run queries again", table)
         return job.job_id, reused
 
     def cancel(self, job_id: str) -> None:

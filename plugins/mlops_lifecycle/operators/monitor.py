@@ -140,9 +140,12 @@ class ServedSnapshotOperator(MonitorOperator):
         truth = self.monitoring.ground_truth
         if truth is not None:
             first, last = labelled_interval(truth, start, end)
-            labelled = freeze(first, last)
-            labelled["actuals_uri"] = self.actuals(context, first, last) if labelled["rows"] else None
-            out["labelled"] = labelled
+            if first < last:
+                labelled = freeze(first, last)
+                labelled["actuals_uri"] = self.actuals(context, first, last) if labelled["rows"] else None
+                out["labelled"] = labelled
+            else:
+                self.log.info("No served day completes its actuals in this check (an earlier check scored it)")
         return out
 
     # --- BigQuery: the shipped logs and the actuals, as snapshot tables beside extract's ------------------
@@ -180,6 +183,8 @@ class ServedSnapshotOperator(MonitorOperator):
         assert self.monitoring.served_table is not None
         sql = served_sql(self.monitoring.served_table, self.config.model_line, first, last, kinds)
         table, job, reused = self.bigquery_table(context, sql, f"served__{interval_label(first, last)}", first, last)
+        if not self.bigquery.table_exists(table):  # nothing shipped for the interval (yet): not frozen
+            return ServedSnapshot(uri="", rows=0, reused=False, versions={}, lines=0, bad_lines={})
         counted = self.bigquery.client().query(
             f"SELECT model_version, COUNT(*) AS n FROM `{table}` GROUP BY model_version"
         ).result()
@@ -206,7 +211,7 @@ class ServedSnapshotOperator(MonitorOperator):
             sql = render_sql(sql_text, dict(self.config.extract.tables), days_from, days_to)
             name = f"actuals__{days_from:%Y%m%d}-{days_to:%Y%m%d}"
             table, _, _ = self.bigquery_table(context, sql, name, first, last)
-            return f"bq://{table}"
+            return f"bq://{table}" if self.bigquery.table_exists(table) else None
         warehouse = LocalWarehouse(paths.local_home() / "warehouse")
         warehouse.ensure_sample_data(through=min(days_to, datetime.now(UTC).date()))
         try:
@@ -279,6 +284,8 @@ class DriftCheckOperator(MonitorOperator):
         """A snapshot: a parquet file (local) or ``bq://project.dataset.table``."""
         import pandas as pd
 
+        if not uri:  # an empty BigQuery result, not kept
+            return pd.DataFrame({"model_version": pd.Series(dtype=str)})
         if uri.startswith("bq://"):
             rows = self.bigquery.client().list_rows(uri.removeprefix("bq://"))
             frame: pd.DataFrame = rows.to_dataframe(create_bqstorage_client=False)
@@ -310,27 +317,34 @@ class DriftCheckOperator(MonitorOperator):
         self.log.info("Labelled rows: %d of %d served rows found their actual", len(joined), len(rows))
         return joined
 
-    def reference(self, version: str) -> tuple[pd.DataFrame, dict[str, str], str] | str:
-        """(sample, column kinds, training run id) of a version, or why there is none."""
+    def training_run(self, version: str) -> str | None:
+        """The MLflow run that trained ``version``; None when the registry no longer has it (reported)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run_id = self.registry.client.get_model_version(self.config.registry.model_name, version).run_id
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # a registry error is retried, never recorded as "no reference"
+            return None
+        return run_id or None
+
+    def reference(self, version: str, run_id: str | None) -> tuple[pd.DataFrame, dict[str, str]] | str:
+        """(sample, column kinds) of a version's training reference, or why there is none."""
         import pandas as pd
 
-        name = self.config.registry.model_name
-        try:
-            run_id = self.registry.client.get_model_version(name, version).run_id
-        except Exception as exc:  # noqa: BLE001 - a version deleted by hand: reported, not fatal
-            return f"v{version} is not in the registry ({type(exc).__name__})"
-        if not run_id:
-            return f"v{version} names no training run"
+        if run_id is None:
+            return f"v{version} is not in the registry (deleted by hand?), or names no training run"
+        names = {a.path for a in self.registry.client.list_artifacts(run_id)}
+        if not {"reference_profile.json", "reference_sample.parquet"} <= names:
+            return f"v{version} has no reference sample (its training run {run_id} predates drift monitoring)"
         with tempfile.TemporaryDirectory() as folder:
-            try:
-                profile_file = self.registry.client.download_artifacts(run_id, "reference_profile.json", folder)
-                sample_file = self.registry.client.download_artifacts(run_id, "reference_sample.parquet", folder)
-            except Exception:  # noqa: BLE001 - trained before the monitor existed
-                return f"v{version} has no reference sample (its training run {run_id} predates drift monitoring)"
+            profile_file = self.registry.client.download_artifacts(run_id, "reference_profile.json", folder)
+            sample_file = self.registry.client.download_artifacts(run_id, "reference_sample.parquet", folder)
             profile = json.loads(Path(profile_file).read_text())
             sample = pd.read_parquet(sample_file)
         kinds = dict(profile.get("kinds") or {c: s["kind"] for c, s in profile["columns"].items()})
-        return sample, kinds, run_id
+        return sample, kinds
 
     def holdout_metrics(self, run_id: str) -> dict[str, float]:
         metrics = self.registry.client.get_run(run_id).data.metrics
@@ -376,16 +390,16 @@ class DriftCheckOperator(MonitorOperator):
 
         limits = self.monitoring.limits
         thresholds = DriftThresholds(**limits.model_dump())
-        reference = self.reference(version)
+        training_run = self.training_run(version)
+        reference = self.reference(version, training_run)
         breaches: list[str] = []
         metrics: dict[str, float] = {"served_rows": float(len(served))}
         result = None
         if isinstance(reference, str):
             verdict = "no reference"
             self.log.warning("v%s: %s; drift not checked", version, reference)
-            training_run = None
         else:
-            sample, kinds, training_run = reference
+            sample, kinds = reference
             if len(served):
                 columns = [c for c in kinds if c in sample.columns and c not in self.monitoring.exclude]
                 result = check_drift(
@@ -405,12 +419,19 @@ class DriftCheckOperator(MonitorOperator):
                 if result is not None and result.judged
                 else f"not judged ({len(served)} rows < min_rows {limits.min_rows})"
             )
+        truth = self.monitoring.ground_truth
+        if labelled is not None:
+            missing = int(labelled["actual"].isna().sum())
+            labelled = labelled.dropna(subset=["actual"])
+            metrics["labelled_rows"], metrics["actuals_missing"] = float(len(labelled)), float(missing)
         live, holdout = self.performance(labelled, training_run)
         metrics |= {f"live.{k}": v for k, v in live.items()} | {f"holdout.{k}": v for k, v in holdout.items()}
-        if labelled is not None:
-            metrics["labelled_rows"] = float(len(labelled))
-        truth = self.monitoring.ground_truth
-        if live and truth is not None:
+        if live and truth is not None and labelled is not None and len(labelled) < truth.min_rows:
+            self.log.info(
+                "v%s: live metrics on %d labelled rows reported, not judged (ground_truth.min_rows %d)",
+                version, len(labelled), truth.min_rows,
+            )
+        elif live and truth is not None:
             lost = performance_breaches(live, holdout, self.config.gate.metrics, truth.max_regression)
             breaches += lost
             if lost:
@@ -509,6 +530,10 @@ class AlertOwnersOperator(_OnBreach):
         from mlops_lifecycle.notify import LineAlert
 
         interval, breached = self.breached()
+        if run_type(context) == BACKFILL:
+            raise AirflowSkipException(
+                f"Breach in {interval} found by a backfill of the monitor: recorded on its MLflow runs, not mailed"
+            )
         runs = [f["run_id"] for f in breached.values()]
         to = ",".join(self.config.alerting.emails) or f"team {self.config.owner.team}"
         tags = [self.registry.client.get_run(r).data.tags for r in runs]
@@ -535,7 +560,10 @@ class AlertOwnersOperator(_OnBreach):
         ).notify(context)
         now = datetime.now(UTC).isoformat(timespec="seconds")
         for run_id in runs:
-            self.registry.set_run_tags(run_id, {"monitor.alerted_to": to, "monitor.alerted_at": now})
+            via = f"smtp:{self.config.alerting.smtp_conn_id}" if self.config.alerting.smtp_conn_id else "local file"
+            self.registry.set_run_tags(
+                run_id, {"monitor.alerted_to": to, "monitor.alerted_at": now, "monitor.alerted_via": via}
+            )
         self.log.info("Alerted %s: %s", to, self.findings["summary"])
         return {"alerted": to, "runs": runs}
 
@@ -575,6 +603,23 @@ class RetrainRequestOperator(_OnBreach):
             return "off", "monitoring.retrain_on_breach is false"
         if run_type(context) == BACKFILL:
             return "not requested", "a backfill of the monitor looks at the past; it requests no retrain"
+        reg = self.config.registry
+        serving = self.registry.alias_version(reg.model_name, reg.production_alias)
+        breached = [str(v) for v, f in self.findings["versions"].items() if f["breaches"]]
+        if serving not in breached:
+            return "not requested", (
+                f"production serves v{serving}, which did not breach (the breach was of v{', v'.join(breached)}): "
+                "a retrain would not change what serves"
+            )
+        from mlops_lifecycle.window import requested_interval, run_key_interval
+
+        trained = self.registry.version_tags(reg.model_name, serving).get("audit.run_key")
+        _, would_end = requested_interval(self.config.schedule.cron, self.config.schedule.timezone, datetime.now(UTC))
+        if trained and run_key_interval(trained)[1].date() >= would_end.date():
+            return "not requested", (
+                f"production v{serving} was trained on data up to {run_key_interval(trained)[1]:%Y-%m-%d}: a retrain "
+                "now would train on the same days"
+            )
         client = self.registry.client
         this_run = f"{context['ti'].dag_id}/{context['ti'].run_id}"
         made = {str(client.get_run(r).data.tags.get(REQUESTED_BY_TAG)) for r in runs} - {"None"}
@@ -625,10 +670,18 @@ def _metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:250]
 
 
-def _bounded_json(value: Any, limit: int = 7000) -> str:
-    """JSON for an MLflow tag (values are capped at 8000 characters): breaches cut first if too long."""
+def _bounded_json(value: dict[str, Any], limit: int = 7000) -> str:
+    """JSON for an MLflow tag (values are capped at 8000 characters): long lists are shortened, never the text
+    (a cut JSON text could not be read back by a retry)."""
     text = json.dumps(value, default=str)
-    if len(text) > limit and value.get("breaches"):
-        value = {**value, "breaches": value["breaches"][:20] + [f"... {len(value['breaches']) - 20} more"]}
+    for keep in (20, 5, 0):
+        if len(text) <= limit:
+            return text
+        value = {
+            k: (v[:keep] + [f"... {len(v) - keep} more"] if isinstance(v, list) and len(v) > keep else v)
+            for k, v in value.items()
+        }
         text = json.dumps(value, default=str)
-    return text[:limit]
+    if len(text) > limit:
+        text = json.dumps({k: v for k, v in value.items() if not isinstance(v, (list, dict))}, default=str)
+    return text
