@@ -41,6 +41,7 @@ def config(tmp_path: Path, mlflow_server: Any) -> ModelLineConfig:  # noqa: ANN4
     raw["registry"] = {"model_name": "bq_monitor", "experiment": "/it/bq_monitor"}
     raw["monitoring"].pop("ground_truth")
     raw["monitoring"]["exclude"] = []
+    raw["monitoring"]["limits"] = {"min_rows": 100}
     path = tmp_path / "bq_monitor.yaml"
     path.write_text(yaml.safe_dump(raw))
     return load_model_line(path)
