@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,6 +197,29 @@ def migrate_airflow_db(env: dict[str, str]) -> None:
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"airflow db migrate failed ({env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}):\n{tail}")
+
+
+@contextmanager
+def output_to(path: Path | None) -> Iterator[None]:
+    """This process's stdout and stderr appended to ``path`` meanwhile (file descriptors 1 and 2, so what
+    child processes write goes there too); with None, nothing changes."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved_fd in enumerate(saved, start=1):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
