@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo test bench up down lint lock clean
+.PHONY: venv demo demo-drift test bench up down lint lock clean
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required, found " + sys.version.split()[0] + ": make PYTHON=/path/to/python3.11")'
@@ -18,6 +18,9 @@ venv: $(STAMP)
 
 demo: venv  ## one complete lifecycle of demand_forecast on the local adapters, then a summary
 	$(PY) scripts/demo.py
+
+demo-drift: venv  ## shifted traffic to the demo service: the monitor's breach, the alert, the retrain it requests
+	$(PY) scripts/demo_drift.py
 
 test: venv  ## the test suite (unit, DAG integrity, end-to-end on the local adapters)
 	$(PY) -m pytest

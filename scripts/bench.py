@@ -215,32 +215,6 @@ BACKTEST_WINDOWS = int(os.environ.get("BENCH_BACKTEST_WINDOWS", "52"))
 BACKTEST_PARALLEL = tuple(int(n) for n in os.environ.get("BENCH_BACKTEST_PARALLEL", "1,2").split(","))
 
 
-def start_standalone(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """`airflow standalone` over ``env`` (every user an admin: the bench's own throwaway home); its API URL."""
-    port = devstack.free_port()
-    env = {**env, **devstack.standalone_env(port), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}
-    log = open(home / "standalone.log", "ab")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("airflow")), "standalone"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            health = json.loads(urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=3).read())
-            if all(health.get(c, {}).get("status") == "healthy" for c in ("scheduler", "dag_processor")):
-                return proc, url
-        except (OSError, ValueError):
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"airflow standalone did not become healthy; see {home / 'standalone.log'}")
-
-
 def api(url: str, method: str = "GET", body: dict | None = None) -> dict:
     request = urllib.request.Request(
         url,
@@ -270,7 +244,14 @@ def bench_backtest() -> None:
     env["MLOPS_MODEL_LINES_DIR"] = str(home / "model_lines")
     devstack.migrate_airflow_db(env)
     server.start()
-    proc, url = start_standalone(home, env)
+    # every user an admin: the bench's own throwaway home
+    proc, url = devstack.launch_standalone(
+        env,
+        home / "standalone.log",
+        overrides={"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"},
+        components=("scheduler", "dag_processor"),
+        timeout=240,
+    )
     rows, summary = [], []
     per_task: dict[tuple[int, str], list[float]] = {}
     try:
@@ -349,9 +330,7 @@ def bench_backtest() -> None:
             )
             summary.append((parallel, len(runs) / wall))
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
+        devstack.stop_standalone(proc)
         from mlops_lifecycle.adapters.local_service import LocalServiceDeployer
 
         for parallel in BACKTEST_PARALLEL:  # the services the lifecycle runs deployed

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +105,90 @@ def standalone_env(api_port: int) -> dict[str, str]:
     }
 
 
+STANDALONE_COMPONENTS = ("scheduler", "triggerer", "dag_processor")
+
+
+def launch_standalone(
+    env: dict[str, str],
+    log_path: Path,
+    overrides: dict[str, str] | None = None,
+    api_port: int | None = None,
+    components: tuple[str, ...] = STANDALONE_COMPONENTS,
+    timeout: float = 180,
+) -> tuple[subprocess.Popen, str]:
+    """`airflow standalone` over ``env`` and ``standalone_env`` (``overrides`` last), in a session of its own,
+    its output appended to ``log_path``; returns it and its API URL once ``components`` report healthy.
+
+    It is stopped again (``stop_standalone``) if it exits or does not become healthy within ``timeout``.
+    """
+    api_port = api_port or free_port()
+    url = f"http://127.0.0.1:{api_port}"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("airflow")), "standalone"],
+            env={**env, **standalone_env(api_port), **(overrides or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"airflow standalone exited with code {proc.returncode}; see {log_path}")
+            try:
+                with urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=3) as response:
+                    health = json.loads(response.read())
+                if all(health.get(c, {}).get("status") == "healthy" for c in components):
+                    return proc, url
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"airflow standalone did not become healthy in {timeout:.0f} s; see {log_path}")
+            time.sleep(1)
+    except BaseException:
+        stop_standalone(proc)
+        raise
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """pid -> process title (cmdline) of every live process in session ``sid`` (read from /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            if os.getsid(pid) != sid:
+                continue
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile
+            continue
+        found[pid] = title
+    return found
+
+
+def stop_standalone(proc: subprocess.Popen, grace: float = 60) -> None:
+    """Stop `airflow standalone` for good: its process group (SIGTERM, then SIGKILL after ``grace``), then
+    anything of its session still alive (a task runner that left the group). Services the tasks started in
+    sessions of their own (a deployed model service) are left running."""
+    try:  # the group may be gone already (standalone exited during start-up)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    if Path("/proc").is_dir():  # no /proc (macOS): the process group is all we can stop
+        for pid in session_processes(proc.pid):  # started with start_new_session: its pid is the session id
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def migrate_airflow_db(env: dict[str, str]) -> None:
     """``airflow db migrate`` in a child process (idempotent, a few seconds when already migrated)."""
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -110,6 +197,29 @@ def migrate_airflow_db(env: dict[str, str]) -> None:
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"airflow db migrate failed ({env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}):\n{tail}")
+
+
+@contextmanager
+def output_to(path: Path | None) -> Iterator[None]:
+    """This process's stdout and stderr appended to ``path`` meanwhile (file descriptors 1 and 2, so what
+    child processes write goes there too); with None, nothing changes."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved_fd in enumerate(saved, start=1):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
