@@ -194,3 +194,13 @@ def test_a_drift_breach_requests_a_retrain_that_the_scheduler_starts(api):
     assert task_states(api, run["dag_run_id"])["route"] == "success"
     log = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/route/logs/1").text
     assert "Retrain requested by the drift monitor" in log and "price_ratio_28" in log
+
+    # end the requested run here (what it does next is the lifecycle's, tested above): a task left running in
+    # the session's metadata DB would hold a pool slot in the next module's standalone
+    api.patch(f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}", json={"state": "failed"}).raise_for_status()
+    busy = ("running", "queued", "scheduled", "deferred", "up_for_retry", "restarting")
+    wait_for(
+        "the requested run's tasks to stop",
+        lambda: not any(s in busy for s in task_states(api, run["dag_run_id"]).values()),
+        timeout=120,
+    )
