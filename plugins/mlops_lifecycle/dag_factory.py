@@ -226,6 +226,7 @@ def build_monitor_dag(config: ModelLineConfig, register: bool = True) -> DAG:
             task_id="request_retrain",
             findings=check.output,
             outlets=[retrain] if monitoring.retrain_on_breach else [],
+            inlets=[retrain] if monitoring.retrain_on_breach else [],  # to see what this run already requested
             **common,
         )
         # both on the breach, independently: a mail outage must not hold the retrain request back

@@ -195,6 +195,22 @@ def test_a_drift_breach_requests_a_retrain_that_the_scheduler_starts(api):
     log = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/route/logs/1").text
     assert "Retrain requested by the drift monitor" in log and "price_ratio_28" in log
 
+    # the user clears request_retrain of the monitor run (to look at it again): no second request, no second run
+    api.post(
+        f"/api/v2/dags/{monitor}/clearTaskInstances",
+        json={"dag_run_id": run_id, "task_ids": ["request_retrain"], "dry_run": False, "only_failed": False},
+    ).raise_for_status()
+
+    def request_state() -> str | None:
+        ti = api.get(f"/api/v2/dags/{monitor}/dagRuns/{run_id}/taskInstances/request_retrain").json()
+        return ti["state"] if ti["try_number"] >= 2 and ti["state"] in ("success", "skipped", "failed") else None
+
+    assert wait_for("the cleared request_retrain", request_state, timeout=180) == "skipped"
+    log = api.get(f"/api/v2/dags/{monitor}/dagRuns/{run_id}/taskInstances/request_retrain/logs/2").text
+    assert "a cleared task repeats none" in log
+    runs = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns").json()["dag_runs"]
+    assert [r["dag_run_id"] for r in runs if r["run_type"] == "asset_triggered"] == [run["dag_run_id"]]
+
     # end the requested run here (what it does next is the lifecycle's, tested above): a task left running in
     # the session's metadata DB would hold a pool slot in the next module's standalone
     api.patch(f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}", json={"state": "failed"}).raise_for_status()

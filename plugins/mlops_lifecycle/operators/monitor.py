@@ -597,6 +597,17 @@ class RetrainRequestOperator(_OnBreach):
         self.log.info("Retrain requested (%s): %s", because, self.findings["summary"])
         return {"retrain": decision, "because": because, "monitor_runs": runs}
 
+    def emitted_at(self, context: Context, this_run: str) -> str | None:
+        """When this monitor run's retrain request was emitted (this task's inlet: the same asset), if it was."""
+        for asset in self.inlets:
+            try:
+                for event in context["inlet_events"][asset].ascending(False).limit(200):
+                    if (event.extra or {}).get("monitor_run") == this_run:
+                        return str(event.timestamp)
+            except Exception as exc:  # noqa: BLE001 - unknown: emit (at least once) rather than lose a request
+                self.log.warning("Could not read the retrain requests already emitted: %s", exc)
+        return None
+
     def decision(self, context: Context, runs: list[str]) -> tuple[str, str]:
         """('requested' | 'cooldown' | 'off' | 'not requested', why)."""
         if not self.monitoring.retrain_on_breach:
@@ -623,7 +634,11 @@ class RetrainRequestOperator(_OnBreach):
         client = self.registry.client
         this_run = f"{context['ti'].dag_id}/{context['ti'].run_id}"
         made = {str(client.get_run(r).data.tags.get(REQUESTED_BY_TAG)) for r in runs} - {"None"}
-        if this_run in made:  # this task's earlier try tagged the runs, and did not finish: the event is due
+        if this_run in made:
+            emitted = self.emitted_at(context, this_run)
+            if emitted:  # the task succeeded once and was cleared: its request stands, not made twice
+                return "already requested", f"this run's request was emitted at {emitted}; a cleared task repeats none"
+            # an earlier try tagged the runs and did not finish, so its event was never emitted: it is due now
             return "requested", "this interval's request, made by an earlier try of this task"
         if made:
             return "already requested", f"this interval's breach was already requested by {', '.join(sorted(made))}"
