@@ -608,6 +608,27 @@ class RetrainRequestOperator(_OnBreach):
                 self.log.warning("Could not read the retrain requests already emitted: %s", exc)
         return None
 
+    def last_request(self, context: Context) -> datetime | None:
+        """When the line's last retrain request was emitted: the newest event of the retrain asset, which is what
+        Airflow acted on (a request tagged on the runs whose task then failed was never emitted, and does not
+        start a cool-down). Without the asset's events (unreadable), the newest request tagged on the runs."""
+        for asset in self.inlets:
+            try:
+                newest = list(context["inlet_events"][asset].ascending(False).limit(1))
+            except Exception as exc:  # noqa: BLE001 - fall back to the runs' tags below
+                self.log.warning("Could not read the retrain asset's events (%s): using the runs' tags", exc)
+                break
+            return _plain_time(newest[0].timestamp) if newest else None
+        earlier = self.registry.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{RETRAIN_TAG}` = 'requested' and tags.`lifecycle.model_line` = "
+            f"'{self.config.model_line}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=200,
+        )
+        stamps = [datetime.fromisoformat(r.data.tags[RETRAIN_AT_TAG]) for r in earlier if RETRAIN_AT_TAG in r.data.tags]
+        return max(stamps, default=None)
+
     def decision(self, context: Context, runs: list[str]) -> tuple[str, str]:
         """('requested' | 'cooldown' | 'off' | 'not requested', why)."""
         if not self.monitoring.retrain_on_breach:
@@ -642,15 +663,7 @@ class RetrainRequestOperator(_OnBreach):
             return "requested", "this interval's request, made by an earlier try of this task"
         if made:
             return "already requested", f"this interval's breach was already requested by {', '.join(sorted(made))}"
-        earlier = client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{RETRAIN_TAG}` = 'requested' and tags.`lifecycle.model_line` = "
-            f"'{self.config.model_line}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=200,
-        )
-        stamps = [datetime.fromisoformat(r.data.tags[RETRAIN_AT_TAG]) for r in earlier if RETRAIN_AT_TAG in r.data.tags]
-        last = max(stamps, default=None)
+        last = self.last_request(context)
         until = cooldown_until(last, self.monitoring.cooldown_hours)
         if last is not None and until is not None and datetime.now(UTC) < until:
             return "cooldown", (
@@ -658,6 +671,12 @@ class RetrainRequestOperator(_OnBreach):
                 f"{until:%Y-%m-%d %H:%M} UTC (monitoring.cooldown_hours {self.monitoring.cooldown_hours:g})"
             )
         return "requested", "a breach" + (f"; the last request was at {last:%Y-%m-%d %H:%M} UTC" if last else "")
+
+
+def _plain_time(value: Any) -> datetime:
+    """An event time (datetime or ISO text) as an aware UTC datetime."""
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return datetime.fromtimestamp(moment.timestamp(), UTC)
 
 
 def _drift_metrics(result: Any) -> dict[str, float]:
