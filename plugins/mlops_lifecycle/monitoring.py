@@ -43,16 +43,19 @@ def monitor_interval(
     """The interval a monitor run checks: its data interval, or (a manual run without one) the last
     complete period of the monitor's cron before it was triggered."""
     if start is not None and end is not None and end > start:
-        return _plain_utc(start), _plain_utc(end)
+        return plain_utc(start), plain_utc(end)
     from mlops_lifecycle.window import last_complete_interval
 
     first, last = last_complete_interval(monitoring.cron, monitoring.timezone, run_after or datetime.now(UTC))
-    return _plain_utc(first), _plain_utc(last)
+    return plain_utc(first), plain_utc(last)
 
 
-def _plain_utc(moment: datetime) -> datetime:
-    """A standard-library UTC datetime. Airflow hands tasks pendulum DateTimes, whose arithmetic with a
-    timedelta after ``astimezone(UTC)`` drops the zone (pendulum 3.3): every later step would be naive."""
+def plain_utc(moment: datetime | str) -> datetime:
+    """A standard-library UTC datetime from a datetime or ISO text. Airflow hands tasks pendulum DateTimes,
+    whose arithmetic with a timedelta after ``astimezone(UTC)`` drops the zone (pendulum 3.3): every later
+    step would be naive."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
     return datetime.fromtimestamp(moment.timestamp(), UTC)
 
 
@@ -127,7 +130,7 @@ def labelled_interval(truth: GroundTruth, start: datetime, end: datetime) -> tup
     lag = timedelta(days=truth.prediction_offset_days + truth.label_delay_days)
 
     def day(moment: datetime) -> datetime:
-        return _plain_utc(moment).replace(hour=0, minute=0, second=0, microsecond=0)
+        return plain_utc(moment).replace(hour=0, minute=0, second=0, microsecond=0)
 
     return day(start) - lag, day(end) - lag
 

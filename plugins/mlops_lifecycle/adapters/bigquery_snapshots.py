@@ -109,16 +109,15 @@ class BigQuerySnapshots:
                 self.log.warning("Job %s succeeded but its snapshot was dropped (empty): querying again", job_id)
         raise SnapshotError(f"{MAX_ATTEMPTS} query jobs for {base_id} failed; see them in BigQuery")
 
-    def written_by(self, table: str, empty_ok: bool = False) -> str | None:
-        """The job that wrote ``table`` if it exists (and holds rows, unless ``empty_ok``: an empty one may
-        be written again)."""
+    def written_by(self, table: str) -> str | None:
+        """The job that wrote ``table`` if it exists and holds rows (an empty one may be written again)."""
         from google.api_core.exceptions import NotFound
 
         try:
             found = self.client().get_table(table)
         except NotFound:
             return None
-        if not found.num_rows and not empty_ok:
+        if not found.num_rows:
             return None
         match = re.search(r"written by query job (\S+)", found.description or "")
         return match.group(1) if match else "unknown"

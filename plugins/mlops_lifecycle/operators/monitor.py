@@ -36,6 +36,7 @@ from mlops_lifecycle.monitoring import (
     monitor_interval,
     monitor_key,
     performance_breaches,
+    plain_utc,
     summary,
 )
 from mlops_lifecycle.operators.base import BACKFILL, LifecycleOperator, Upstream, run_type
@@ -618,7 +619,7 @@ class RetrainRequestOperator(_OnBreach):
             except Exception as exc:  # noqa: BLE001 - fall back to the runs' tags below
                 self.log.warning("Could not read the retrain asset's events (%s): using the runs' tags", exc)
                 break
-            return _plain_time(newest[0].timestamp) if newest else None
+            return plain_utc(newest[0].timestamp) if newest else None
         earlier = self.registry.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{RETRAIN_TAG}` = 'requested' and tags.`lifecycle.model_line` = "
@@ -671,12 +672,6 @@ class RetrainRequestOperator(_OnBreach):
                 f"{until:%Y-%m-%d %H:%M} UTC (monitoring.cooldown_hours {self.monitoring.cooldown_hours:g})"
             )
         return "requested", "a breach" + (f"; the last request was at {last:%Y-%m-%d %H:%M} UTC" if last else "")
-
-
-def _plain_time(value: Any) -> datetime:
-    """An event time (datetime or ISO text) as an aware UTC datetime."""
-    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return datetime.fromtimestamp(moment.timestamp(), UTC)
 
 
 def _drift_metrics(result: Any) -> dict[str, float]:
